@@ -1,0 +1,306 @@
+//! Runs a scenario inside an L1 Linux under QEMU TCG with emulated AMD SVM.
+//!
+//! The L1 boots Debian's cloud kernel straight into an initramfs that we
+//! assemble per run: static busybox, an `/init` written below, the L1's KVM
+//! and virtio modules, the scenario's binaries with their shared libraries,
+//! and assets up to `INITRAMFS_ASSET_LIMIT`. Larger assets (guest images)
+//! are attached unchanged as read-only virtio-blk disks and appear as
+//! `$ASSETS/<name>` symlinks to `/dev/vdX`, so nothing large is copied.
+//!
+//! Two serial ports separate the channels: ttyS0 is the L1 console (kernel
+//! log, kept in `console.log` for failure reports), ttyS1 carries the
+//! scenario's output and the harness's marker lines to QEMU's stdout, which
+//! `pump` reads live. The L1 has no network device.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::initramfs::Initramfs;
+use crate::l1::L1Kernel;
+use crate::ldd::shared_libraries;
+use crate::pump::{Markers, Pump};
+use crate::run::HarnessError;
+use crate::scenario::{Scenario, Status, Timings};
+
+/// Assets up to this size go into the initramfs; larger ones become disks.
+pub const INITRAMFS_ASSET_LIMIT: u64 = 64 << 20;
+
+/// Modules every L1 loads: KVM on emulated SVM, and virtio disks for assets.
+const BASE_MODULES: &[&str] = &["kvm_amd", "virtio_pci", "virtio_blk"];
+
+/// The result of one L1 run, before it is wrapped into an `Outcome`.
+pub struct NestedRun {
+    /// How it ended.
+    pub status: Status,
+    /// Scenario output.
+    pub output: String,
+    /// Phase timings (total filled by the caller).
+    pub timings: Timings,
+}
+
+/// Boots the L1, runs the scenario, and collects the result.
+pub fn run(sc: &Scenario, workdir: &Path, nonce: &str) -> Result<NestedRun, HarnessError> {
+    let started = Instant::now();
+    let kernel = L1Kernel::find()?;
+    let markers = Markers::new(nonce);
+    let (initramfs, disks) = assemble(sc, &kernel, &markers)?;
+    let initrd_path = workdir.join("initramfs.cpio");
+    initramfs.write_to(&initrd_path)?;
+    let prepare = started.elapsed();
+
+    let console = workdir.join("console.log");
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-accel", "tcg", "-cpu", "EPYC", "-M", "q35"])
+        .args([
+            "-smp",
+            &sc.l1_cpus.to_string(),
+            "-m",
+            &sc.l1_memory_mib.to_string(),
+        ])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .arg("-kernel")
+        .arg(&kernel.image)
+        .arg("-initrd")
+        .arg(&initrd_path)
+        .args(["-append", "console=ttyS0 quiet panic=-1 mitigations=off"])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .args([
+            "-chardev",
+            "stdio,id=scenario,signal=off",
+            "-serial",
+            "chardev:scenario",
+        ]);
+    for disk in &disks {
+        cmd.arg("-drive").arg(format!(
+            "file={},format=raw,if=virtio,readonly=on",
+            disk.display()
+        ));
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let boot_start = Instant::now();
+    let mut child = cmd.spawn().map_err(|e| HarnessError::Spawn {
+        what: "qemu-system-x86_64 (install it with `apt-get install qemu-system-x86`)".into(),
+        source: e,
+    })?;
+    let stdout = child.stdout.take().ok_or(HarnessError::NoPipe)?;
+    let mut stderr = child.stderr.take().ok_or(HarnessError::NoPipe)?;
+    let stderr_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+        s
+    });
+    let pump = Pump::start(stdout, &workdir.join("output.log"), markers, sc.echo)
+        .map_err(|e| HarnessError::Io("starting the output reader".into(), e))?;
+
+    let deadline = boot_start + sc.timeout.saturating_sub(prepare);
+    let mut timed_out = false;
+    let qemu_status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) => {}
+            Err(e) => return Err(HarnessError::Io("waiting for QEMU".into(), e)),
+        }
+        if Instant::now() >= deadline {
+            timed_out = true;
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let qemu_end = Instant::now();
+    let seen = pump.finish();
+    let qemu_stderr = stderr_thread.join().unwrap_or_default();
+    let _ = std::fs::remove_file(&initrd_path);
+
+    let console_text = std::fs::read_to_string(&console).unwrap_or_default();
+    let status = if let Some((_, code)) = seen.exit {
+        Status::Exited(code)
+    } else if timed_out {
+        Status::TimedOut
+    } else if let Some(err) = seen.setup_error.clone() {
+        Status::SetupFailed(err)
+    } else if console_text.contains("Kernel panic") {
+        Status::L1Panic
+    } else {
+        let why = match qemu_status {
+            Some(s) if !s.success() => format!("QEMU exited with {s}: {}", qemu_stderr.trim()),
+            _ => "the L1 powered off before the scenario finished".into(),
+        };
+        Status::Died(why)
+    };
+    let mut output = seen.output;
+    if seen.truncated {
+        output.push_str("[harness: output truncated; see output.log]\n");
+    }
+    Ok(NestedRun {
+        status,
+        output,
+        timings: Timings {
+            prepare,
+            l1_boot: seen.ready_at.map(|t| t - boot_start),
+            scenario: match (seen.ready_at, seen.exit) {
+                (Some(r), Some((e, _))) => Some(e - r),
+                _ => None,
+            },
+            shutdown: seen
+                .exit
+                .map(|(e, _)| qemu_end.saturating_duration_since(e)),
+            total: Duration::ZERO,
+        },
+    })
+}
+
+/// Builds the initramfs and the list of disk assets.
+fn assemble(
+    sc: &Scenario,
+    kernel: &L1Kernel,
+    markers: &Markers,
+) -> Result<(Initramfs, Vec<PathBuf>), HarnessError> {
+    let mut fs = Initramfs::new();
+    for d in [
+        "/proc",
+        "/sys",
+        "/dev",
+        "/tmp",
+        "/run",
+        "/sbin",
+        "/usr/bin",
+        "/usr/sbin",
+        "/assets",
+        "/usr/local/bin",
+    ] {
+        fs.dir(d)?;
+    }
+    let busybox = Path::new("/bin/busybox");
+    if !busybox.exists() {
+        return Err(HarnessError::Missing(
+            "/bin/busybox (install it with `apt-get install busybox-static`)".into(),
+        ));
+    }
+    add_binary(&mut fs, busybox, "/bin/busybox")?;
+
+    let mut names: Vec<String> = BASE_MODULES.iter().map(|m| m.to_string()).collect();
+    names.extend(sc.modules.iter().cloned());
+    let modules = kernel.resolve_modules(&names)?;
+    let mut module_paths = Vec::new();
+    for (i, m) in modules.iter().enumerate() {
+        let file = m
+            .file_name()
+            .and_then(|f| f.to_str())
+            .unwrap_or("module.ko");
+        let dest = format!("/lib/modules/l1/{i:02}-{file}");
+        fs.host_file(&dest, m)?;
+        module_paths.push(dest);
+    }
+
+    for bin in &sc.bins {
+        let name = bin
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| HarnessError::Missing(format!("binary path {}", bin.display())))?;
+        add_binary(&mut fs, bin, &format!("/usr/local/bin/{name}"))?;
+    }
+
+    let mut disks = Vec::new();
+    let mut disk_links = Vec::new();
+    for asset in &sc.assets {
+        let meta = std::fs::metadata(&asset.host_path)
+            .map_err(|e| HarnessError::Io(format!("asset {}", asset.host_path.display()), e))?;
+        if meta.len() <= INITRAMFS_ASSET_LIMIT {
+            fs.host_file(&format!("/assets/{}", asset.name), &asset.host_path)?;
+        } else {
+            if meta.len() % 512 != 0 {
+                return Err(HarnessError::Missing(format!(
+                    "asset {} is {} bytes: assets over {} MiB become disks and must be a multiple of 512 bytes",
+                    asset.host_path.display(),
+                    meta.len(),
+                    INITRAMFS_ASSET_LIMIT >> 20
+                )));
+            }
+            let dev = format!("/dev/vd{}", (b'a' + disks.len() as u8) as char);
+            disks.push(asset.host_path.clone());
+            disk_links.push((dev, asset.name.clone()));
+        }
+    }
+    if disks.len() > 20 {
+        return Err(HarnessError::Missing("more than 20 disk assets".into()));
+    }
+
+    fs.bytes("/scenario.sh", sc.script.clone().into_bytes(), 0o755)?;
+    fs.bytes(
+        "/init",
+        init_script(&module_paths, &disk_links, markers).into_bytes(),
+        0o755,
+    )?;
+    Ok((fs, disks))
+}
+
+/// Adds a binary and every shared library it loads, at their host paths.
+fn add_binary(fs: &mut Initramfs, host: &Path, dest: &str) -> Result<(), HarnessError> {
+    fs.host_file(dest, host)?;
+    for lib in shared_libraries(host)? {
+        let path = lib.to_string_lossy().to_string();
+        if !fs.contains(&path) {
+            fs.host_file(&path, &lib)?;
+        }
+    }
+    Ok(())
+}
+
+/// The L1's PID 1: mount, load modules, check KVM, run the scenario, power off.
+fn init_script(modules: &[String], disk_links: &[(String, String)], m: &Markers) -> String {
+    let mut s = String::from(
+        r#"#!/bin/busybox sh
+/bin/busybox --install -s
+export PATH=/usr/local/bin:/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts /dev/shm /sys/fs/cgroup
+mount -t devpts devpts /dev/pts
+mount -t tmpfs tmpfs /tmp
+mount -t tmpfs tmpfs /run
+mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
+exec 3>/dev/ttyS1
+stty -F /dev/ttyS1 raw -echo 2>/dev/null
+fail() { echo "@ERROR@ $*" >&3; sync; poweroff -f; sleep 10; }
+"#,
+    );
+    for module in modules {
+        s.push_str(&format!(
+            "insmod {module} || fail \"insmod {module} failed\"\n"
+        ));
+    }
+    s.push_str("[ -c /dev/kvm ] || fail \"/dev/kvm is missing after loading kvm_amd (does QEMU's CPU model offer svm?)\"\n");
+    for (dev, name) in disk_links {
+        s.push_str(&format!(
+            "i=0; while [ ! -b {dev} ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done\n\
+[ -b {dev} ] || fail \"disk {dev} for asset {name} did not appear\"\n\
+ln -s {dev} /assets/{name}\n"
+        ));
+    }
+    s.push_str(
+        r#"ip link set lo up 2>/dev/null
+echo "@READY@ $(cut -d' ' -f1 /proc/uptime)" >&3
+cd /tmp
+ASSETS=/assets HOME=/tmp sh /scenario.sh </dev/null >&3 2>&3
+echo "@EXIT@ $?" >&3
+sync
+poweroff -f
+"#,
+    );
+    s.replace("@ERROR@", &m.error)
+        .replace("@READY@", &m.ready)
+        .replace("@EXIT@", &m.exit)
+}

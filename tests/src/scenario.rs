@@ -1,0 +1,242 @@
+//! What a harness run is asked to do (`Scenario`) and what came of it
+//! (`Outcome`).
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::host::{ExecMode, HostKvm};
+
+/// Where the caller wants the scenario to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ModeChoice {
+    /// Direct on hardware KVM, nested otherwise.
+    #[default]
+    Auto,
+    /// Always in the L1 under QEMU TCG.
+    Nested,
+    /// Always on this host.
+    Direct,
+}
+
+/// A file made available to the scenario as `$ASSETS/<name>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Asset {
+    /// The file on this host.
+    pub host_path: PathBuf,
+    /// Its name under `$ASSETS`.
+    pub name: String,
+}
+
+impl Asset {
+    /// Parses `PATH` or `PATH=NAME`.
+    pub fn parse(spec: &str) -> Result<Asset, String> {
+        let (path, name) = match spec.rsplit_once('=') {
+            Some((p, n)) => (p.to_string(), n.to_string()),
+            None => {
+                let p = PathBuf::from(spec);
+                let n = p
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .ok_or_else(|| format!("asset {spec:?} has no file name"))?
+                    .to_string();
+                (spec.to_string(), n)
+            }
+        };
+        if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+            return Err(format!("asset name {name:?} must be a plain file name"));
+        }
+        Ok(Asset {
+            host_path: PathBuf::from(path),
+            name,
+        })
+    }
+}
+
+/// One scenario: a shell script plus what it needs.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    /// A short name, used for the work directory and in reports.
+    pub name: String,
+    /// The POSIX shell script to run (busybox `sh` in the L1).
+    pub script: String,
+    /// Host binaries installed on the scenario's `PATH` (with their shared libraries).
+    pub bins: Vec<PathBuf>,
+    /// Files exposed under `$ASSETS`.
+    pub assets: Vec<Asset>,
+    /// Extra L1 kernel modules to load (nested mode only).
+    pub modules: Vec<String>,
+    /// Wall-clock bound for the whole run, L1 boot included.
+    pub timeout: Duration,
+    /// L1 memory in MiB.
+    pub l1_memory_mib: u32,
+    /// L1 vCPUs.
+    pub l1_cpus: u32,
+    /// Where logs go; a fresh directory under the system temp dir if `None`.
+    pub workdir: Option<PathBuf>,
+    /// Nested, direct or automatic.
+    pub mode: ModeChoice,
+    /// Stream the scenario's output to stderr while it runs.
+    pub echo: bool,
+}
+
+impl Scenario {
+    /// A scenario with defaults: 2 L1 vCPUs, 2 GiB, 300 s, auto mode, echo on.
+    pub fn new(name: &str, script: &str) -> Scenario {
+        Scenario {
+            name: name.to_string(),
+            script: script.to_string(),
+            bins: Vec::new(),
+            assets: Vec::new(),
+            modules: Vec::new(),
+            timeout: Duration::from_secs(300),
+            l1_memory_mib: 2048,
+            l1_cpus: 2,
+            workdir: None,
+            mode: ModeChoice::Auto,
+            echo: true,
+        }
+    }
+}
+
+/// How the scenario ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    /// The script ran to completion with this exit code.
+    Exited(i32),
+    /// The run exceeded its timeout and was killed.
+    TimedOut,
+    /// The L1 kernel panicked.
+    L1Panic,
+    /// The L1 (or the direct-mode shell) ended without reporting an exit code.
+    Died(String),
+    /// The L1 came up but could not prepare the scenario (e.g. no /dev/kvm).
+    SetupFailed(String),
+}
+
+/// Phase timings, as measured by the harness.
+#[derive(Debug, Clone, Default)]
+pub struct Timings {
+    /// Building the initramfs and other preparations.
+    pub prepare: Duration,
+    /// From starting QEMU to the L1 saying it is ready (KVM loaded).
+    pub l1_boot: Option<Duration>,
+    /// From L1 ready to the scenario's exit.
+    pub scenario: Option<Duration>,
+    /// From the scenario's exit to QEMU's exit.
+    pub shutdown: Option<Duration>,
+    /// Everything, lock wait excluded.
+    pub total: Duration,
+}
+
+/// The result of a run.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// What the host offers.
+    pub host: HostKvm,
+    /// Where the scenario ran.
+    pub mode: ExecMode,
+    /// How it ended.
+    pub status: Status,
+    /// The scenario's output (stdout and stderr interleaved), possibly truncated.
+    pub output: String,
+    /// The last lines of the L1 console (kernel log).
+    pub console_tail: String,
+    /// Phase timings.
+    pub timings: Timings,
+    /// The directory holding `output.log` and `console.log`.
+    pub workdir: PathBuf,
+}
+
+impl Outcome {
+    /// True when the script exited 0.
+    pub fn success(&self) -> bool {
+        self.status == Status::Exited(0)
+    }
+
+    /// The exit code the CLI reports: the script's, 124 on timeout, 125 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self.status {
+            Status::Exited(code) => code,
+            Status::TimedOut => 124,
+            _ => 125,
+        }
+    }
+
+    /// A multi-line human-readable summary; failures include the console tail.
+    pub fn report(&self) -> String {
+        let mut s = String::new();
+        let secs = |d: Option<Duration>| {
+            d.map_or("-".to_string(), |d| format!("{:.2} s", d.as_secs_f64()))
+        };
+        let _ = writeln!(s, "scenario status: {}", describe(&self.status));
+        let _ = writeln!(s, "host: {}; ran {}", self.host, self.mode);
+        let _ = writeln!(s, "timings:");
+        let _ = writeln!(
+            s,
+            "  prepare     {:.2} s",
+            self.timings.prepare.as_secs_f64()
+        );
+        let _ = writeln!(s, "  L1 boot     {}", secs(self.timings.l1_boot));
+        let _ = writeln!(s, "  scenario    {}", secs(self.timings.scenario));
+        let _ = writeln!(s, "  shutdown    {}", secs(self.timings.shutdown));
+        let _ = writeln!(s, "  total       {:.2} s", self.timings.total.as_secs_f64());
+        let _ = writeln!(s, "logs: {}", self.workdir.display());
+        if !self.success() && !self.console_tail.is_empty() {
+            let _ = writeln!(s, "--- L1 console (last lines) ---\n{}", self.console_tail);
+        }
+        s
+    }
+}
+
+fn describe(status: &Status) -> String {
+    match status {
+        Status::Exited(0) => "passed (exit 0)".into(),
+        Status::Exited(c) => format!("FAILED: script exited with {c}"),
+        Status::TimedOut => "FAILED: timed out, the L1 was killed".into(),
+        Status::L1Panic => "FAILED: the L1 kernel panicked".into(),
+        Status::Died(why) => format!("FAILED: ended without an exit code ({why})"),
+        Status::SetupFailed(why) => format!("FAILED: L1 setup failed: {why}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn asset_specs() {
+        let a = Asset::parse("/x/vmlinux").unwrap();
+        assert_eq!(
+            (a.host_path, a.name.as_str()),
+            (PathBuf::from("/x/vmlinux"), "vmlinux")
+        );
+        let b = Asset::parse("/x/bzImage=kernel").unwrap();
+        assert_eq!(b.name, "kernel");
+        assert!(Asset::parse("/x/y=a/b").is_err());
+        assert!(Asset::parse("/x/y=..").is_err());
+    }
+
+    #[test]
+    fn exit_codes_distinguish_failures() {
+        let mut o = Outcome {
+            host: HostKvm::Absent,
+            mode: ExecMode::Nested,
+            status: Status::Exited(0),
+            output: String::new(),
+            console_tail: "tail".into(),
+            timings: Timings::default(),
+            workdir: PathBuf::new(),
+        };
+        assert!(o.success());
+        assert_eq!(o.exit_code(), 0);
+        o.status = Status::Exited(3);
+        assert!(!o.success());
+        assert_eq!(o.exit_code(), 3);
+        assert!(o.report().contains("tail"));
+        o.status = Status::TimedOut;
+        assert_eq!(o.exit_code(), 124);
+        o.status = Status::L1Panic;
+        assert_eq!(o.exit_code(), 125);
+    }
+}
