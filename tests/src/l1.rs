@@ -219,7 +219,7 @@ kernel/drivers/virtio/virtio.ko:\n";
 
     #[test]
     fn newest_release_sorts_last() {
-        let mut v = vec![
+        let mut v = [
             "6.1.0-9-cloud-amd64",
             "6.1.0-56-cloud-amd64",
             "6.1.0-10-cloud-amd64",
