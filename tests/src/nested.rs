@@ -69,7 +69,7 @@ pub fn run(sc: &Scenario, workdir: &Path, nonce: &str) -> Result<NestedRun, Harn
         .arg(&kernel.image)
         .arg("-initrd")
         .arg(&initrd_path)
-        .args(["-append", "console=ttyS0 quiet panic=-1 mitigations=off"])
+        .args(["-append", "console=ttyS0 panic=-1 mitigations=off"])
         .arg("-serial")
         .arg(format!("file:{}", console.display()))
         .args([
