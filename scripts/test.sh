@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it (.ci/run calls this): installs what is
+# missing, builds or reuses the guest kernel, then runs the kernel-config
+# completeness check, format and lint checks, and every cargo test in the
+# workspace, including the end-to-end tests in the nested harness.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+cd "$repo_root"
+
+declare -a phases=()
+phase() { phases+=("$(printf '%-28s %s' "$1" "$2")"); }
+
+t0=$(now)
+"$repo_root/scripts/setup.sh"
+KINDLING_KERNEL_DIR="$("$repo_root/kernel-config/build.sh" --print-dir)"
+export KINDLING_KERNEL_DIR
+phase "setup + guest kernel" "$(elapsed "$t0")"
+
+say "kernel config completeness ($KINDLING_KERNEL_DIR/config)"
+"$repo_root/kernel-config/check-config.sh" "$KINDLING_KERNEL_DIR/config"
+
+t0=$(now)
+say "cargo fmt --check"
+cargo fmt --all --check
+say "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+phase "format + lint" "$(elapsed "$t0")"
+
+t0=$(now)
+say "cargo build"
+cargo build --workspace --bins --locked
+phase "build" "$(elapsed "$t0")"
+
+t0=$(now)
+say "cargo test (unit, KVM-on-host and nested end-to-end tests)"
+cargo test --workspace --locked
+phase "tests" "$(elapsed "$t0")"
+
+say "summary"
+printf '  %s\n' "${phases[@]}" >&2
