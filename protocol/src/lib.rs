@@ -25,6 +25,9 @@
 pub mod api;
 mod bytes_serde;
 pub mod frame;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod job;
 pub mod limits;
 pub mod message;
