@@ -1,0 +1,327 @@
+//! The host agent's TOML configuration, validated as a whole before anything
+//! is started: a bad file is one clear error naming the field.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Errors loading or validating the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown or mistyped fields.
+    #[error("config {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (with line and column).
+        message: String,
+    },
+    /// A field has a value the agent cannot use.
+    #[error("config field `{field}`: {reason}")]
+    Invalid {
+        /// Dotted path of the field.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// This host's identity towards the orchestrator.
+    pub host_id: String,
+    /// Directory for per-VM directories (sockets, serial logs); the agent
+    /// owns it and removes whatever a previous run left there.
+    pub state_dir: PathBuf,
+    /// Path of the `vmm` binary.
+    pub vmm: PathBuf,
+    /// Address of the Prometheus metrics endpoint, if any.
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
+    /// How to reach the orchestrator.
+    pub orchestrator: OrchestratorConfig,
+    /// What the agent may use of this host, at most.
+    pub limits: Limits,
+    /// The VM pools.
+    #[serde(rename = "pool")]
+    pub pools: Vec<PoolConfig>,
+}
+
+/// The orchestrator endpoint and this host's credential.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrchestratorConfig {
+    /// Base URL, e.g. `http://127.0.0.1:8080`.
+    pub url: String,
+    /// The host credential (bearer token for registering VMs).
+    pub host_credential: String,
+}
+
+/// Host capacity the agent may use.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Total vCPUs over all VMs.
+    pub vcpus: u32,
+    /// Total guest memory over all VMs, in MiB.
+    pub memory_mib: u64,
+}
+
+/// One pool of identical warm VMs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Pool name (used in VM names, logs and metrics).
+    pub name: String,
+    /// Labels of every VM in the pool.
+    pub labels: Vec<String>,
+    /// How many VMs to keep warm.
+    pub size: u32,
+    /// vCPUs per VM.
+    pub vcpus: u8,
+    /// Memory per VM in MiB.
+    pub memory_mib: u32,
+    /// Guest kernel (ELF vmlinux or bzImage).
+    pub kernel: PathBuf,
+    /// Read-only root image (erofs) shared by the pool's VMs.
+    pub image: PathBuf,
+    /// Extra kernel command-line arguments.
+    #[serde(default)]
+    pub cmdline_extra: String,
+    /// Seconds a VM may take from VMM start to the runner agent's `Hello`.
+    #[serde(default = "default_boot_timeout")]
+    pub boot_timeout_secs: u64,
+}
+
+fn default_boot_timeout() -> u64 {
+    60
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every field; the first problem found is returned.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_identifier("host_id", &self.host_id)?;
+        if !self.state_dir.is_absolute() {
+            return Err(invalid("state_dir", "must be an absolute path"));
+        }
+        if !self.vmm.is_file() {
+            return Err(invalid(
+                "vmm",
+                format!("{} is not a file", self.vmm.display()),
+            ));
+        }
+        let url = &self.orchestrator.url;
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(invalid(
+                "orchestrator.url",
+                format!("{url:?} is not an http(s) URL"),
+            ));
+        }
+        if self.orchestrator.host_credential.len() < 16 {
+            return Err(invalid(
+                "orchestrator.host_credential",
+                "must be at least 16 characters",
+            ));
+        }
+        if let Some(addr) = &self.metrics_listen {
+            addr.parse::<std::net::SocketAddr>()
+                .map_err(|e| invalid("metrics_listen", format!("{addr:?}: {e}")))?;
+        }
+        if self.pools.is_empty() {
+            return Err(invalid("pool", "at least one [[pool]] is required"));
+        }
+        let mut names = HashSet::new();
+        let (mut vcpus, mut memory) = (0u64, 0u64);
+        for (i, pool) in self.pools.iter().enumerate() {
+            let at = |f: &str| format!("pool[{i}].{f}");
+            check_identifier(&at("name"), &pool.name)?;
+            if !names.insert(pool.name.as_str()) {
+                return Err(invalid(
+                    at("name"),
+                    format!("duplicate pool name {:?}", pool.name),
+                ));
+            }
+            if pool.labels.is_empty() {
+                return Err(invalid(at("labels"), "at least one label is required"));
+            }
+            for label in &pool.labels {
+                check_identifier(&at("labels"), label)?;
+            }
+            if pool.size == 0 || pool.size > 64 {
+                return Err(invalid(at("size"), "must be between 1 and 64"));
+            }
+            if pool.vcpus == 0 || pool.vcpus > 32 {
+                return Err(invalid(at("vcpus"), "must be between 1 and 32"));
+            }
+            if pool.memory_mib < 64 || pool.memory_mib > 64 * 1024 {
+                return Err(invalid(at("memory_mib"), "must be between 64 and 65536"));
+            }
+            for (field, path) in [("kernel", &pool.kernel), ("image", &pool.image)] {
+                if !path.is_file() {
+                    return Err(invalid(
+                        at(field),
+                        format!("{} is not a file", path.display()),
+                    ));
+                }
+            }
+            if pool.boot_timeout_secs == 0 || pool.boot_timeout_secs > 600 {
+                return Err(invalid(
+                    at("boot_timeout_secs"),
+                    "must be between 1 and 600",
+                ));
+            }
+            vcpus += u64::from(pool.size) * u64::from(pool.vcpus);
+            memory += u64::from(pool.size) * u64::from(pool.memory_mib);
+        }
+        if vcpus > u64::from(self.limits.vcpus) {
+            return Err(invalid(
+                "limits.vcpus",
+                format!(
+                    "the pools need {vcpus} vCPUs but the limit is {}",
+                    self.limits.vcpus
+                ),
+            ));
+        }
+        if memory > self.limits.memory_mib {
+            return Err(invalid(
+                "limits.memory_mib",
+                format!(
+                    "the pools need {memory} MiB but the limit is {}",
+                    self.limits.memory_mib
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Ids and labels: 1-64 characters of `[A-Za-z0-9._-]`.
+fn check_identifier(field: &str, value: &str) -> Result<(), ConfigError> {
+    let ok = !value.is_empty()
+        && value.len() <= 64
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            format!("{value:?} must be 1-64 characters of [A-Za-z0-9._-]"),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(dir: &Path) -> String {
+        for f in ["vmm", "vmlinux", "image.erofs"] {
+            std::fs::write(dir.join(f), b"x").unwrap();
+        }
+        format!(
+            r#"
+host_id = "host-1"
+state_dir = "{d}/state"
+vmm = "{d}/vmm"
+[orchestrator]
+url = "http://127.0.0.1:8080"
+host_credential = "0123456789abcdef"
+[limits]
+vcpus = 4
+memory_mib = 1024
+[[pool]]
+name = "small"
+labels = ["linux", "x64"]
+size = 2
+vcpus = 1
+memory_mib = 256
+kernel = "{d}/vmlinux"
+image = "{d}/image.erofs"
+"#,
+            d = dir.display()
+        )
+    }
+
+    fn load(text: &str, dir: &Path) -> Result<Config, ConfigError> {
+        let path = dir.join("agent.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(&path)
+    }
+
+    #[test]
+    fn a_valid_config_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = load(&sample(dir.path()), dir.path()).unwrap();
+        assert_eq!(c.pools[0].boot_timeout_secs, 60);
+        assert_eq!(c.pools[0].labels, ["linux", "x64"]);
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = sample(dir.path());
+        let cases = [
+            ("size = 2", "size = 0", "pool[0].size"),
+            ("vcpus = 4", "vcpus = 1", "limits.vcpus"),
+            ("memory_mib = 1024", "memory_mib = 100", "limits.memory_mib"),
+            (
+                "\"linux\", \"x64\"",
+                "\"linux\", \"x 64\"",
+                "pool[0].labels",
+            ),
+            ("http://127.0.0.1:8080", "ftp://x", "orchestrator.url"),
+            ("image.erofs\"", "missing.erofs\"", "pool[0].image"),
+            ("host_id = \"host-1\"", "host_id = \"\"", "host_id"),
+        ];
+        for (from, to, field) in cases {
+            let text = good.replacen(from, to, 1);
+            assert_ne!(text, good, "{from}");
+            let err = load(&text, dir.path()).unwrap_err().to_string();
+            assert!(err.contains(field), "{from} -> {to}: {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_toml_are_rejected_with_a_location() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = sample(dir.path()).replace("size = 2", "size = 2\nsizee = 3");
+        let err = load(&text, dir.path()).unwrap_err().to_string();
+        assert!(err.contains("sizee"), "{err}");
+        let err = load("host_id = ", dir.path()).unwrap_err().to_string();
+        assert!(err.contains("line"), "{err}");
+    }
+}

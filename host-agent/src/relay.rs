@@ -1,0 +1,212 @@
+//! Runs one job on one VM: sends it to the runner agent, relays the guest's
+//! events in order to an [`EventSink`] (the orchestrator), forwards cancels,
+//! and turns every way the VM can fail into a job result with a reason.
+//!
+//! Backpressure: events are batched, and when a batch is full the relay
+//! awaits the sink before it reads from the guest again, so a job printing
+//! gigabytes fills the vsock buffers and blocks the guest's writer instead
+//! of the host's memory.
+
+use std::time::{Duration, Instant};
+
+use protocol::api::JobEventKind;
+use protocol::message::{GuestMessage, HostMessage, Job, JobFinished, JobResult};
+use protocol::session::HEARTBEAT_TIMEOUT;
+
+use crate::vm::{GuestChannel, RunningVm};
+
+/// Events per batch posted to the sink.
+pub const MAX_BATCH_EVENTS: usize = 64;
+/// Log bytes per batch posted to the sink.
+pub const MAX_BATCH_BYTES: usize = 1 << 20;
+/// How long events may wait in a partial batch.
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
+/// How often the sink is asked about cancellation when the job is quiet.
+pub const CANCEL_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// Extra time past the job's own timeout before the host gives up on the guest.
+pub const TIMEOUT_GRACE: Duration = Duration::from_secs(15);
+
+/// Where a job's events go.
+pub trait EventSink: Send {
+    /// Stores `events` in order; returns `Ok(true)` when the job's cancellation
+    /// has been requested.
+    fn post(
+        &mut self,
+        events: Vec<JobEventKind>,
+    ) -> impl std::future::Future<Output = Result<bool, String>> + Send;
+}
+
+/// How a job ended, from the host's point of view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayOutcome {
+    /// The job's result (an `Error` with a reason for infrastructure failures).
+    pub result: JobResult,
+    /// When the first log chunk arrived, if one did.
+    pub first_log: Option<Instant>,
+    /// When the job finished (or failed).
+    pub finished: Instant,
+}
+
+struct Batch {
+    events: Vec<JobEventKind>,
+    bytes: usize,
+}
+
+impl Batch {
+    fn full(&self) -> bool {
+        self.events.len() >= MAX_BATCH_EVENTS || self.bytes >= MAX_BATCH_BYTES
+    }
+}
+
+/// Relays `job` on `vm` until it ends. The final `JobFinished` event is
+/// always posted, also for failures the guest could not report.
+pub async fn run_job(
+    vm: &mut RunningVm,
+    channel: &mut GuestChannel,
+    job: &Job,
+    sink: &mut impl EventSink,
+) -> RelayOutcome {
+    let mut state = Relay {
+        batch: Batch {
+            events: Vec::new(),
+            bytes: 0,
+        },
+        step: None,
+        first_log: None,
+        cancel_sent: false,
+        last_post: Instant::now(),
+    };
+    let result = state.drive(vm, channel, job, sink).await;
+    // Whatever happened, the job's last event says how it ended.
+    state
+        .batch
+        .events
+        .push(JobEventKind::JobFinished(JobFinished {
+            result: result.clone(),
+        }));
+    let _ = state.flush(channel, sink).await;
+    RelayOutcome {
+        result,
+        first_log: state.first_log,
+        finished: Instant::now(),
+    }
+}
+
+struct Relay {
+    batch: Batch,
+    step: Option<u32>,
+    first_log: Option<Instant>,
+    cancel_sent: bool,
+    last_post: Instant,
+}
+
+impl Relay {
+    fn during(&self) -> String {
+        match self.step {
+            Some(s) => format!(" during step {}", s + 1),
+            None => String::new(),
+        }
+    }
+
+    async fn drive(
+        &mut self,
+        vm: &mut RunningVm,
+        channel: &mut GuestChannel,
+        job: &Job,
+        sink: &mut impl EventSink,
+    ) -> JobResult {
+        let error = |reason: String| JobResult::Error { reason };
+        if let Err(e) = channel.send_job(job).await {
+            return error(format!("sending the job to the guest failed: {e}"));
+        }
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_secs(job.timeout_secs) + TIMEOUT_GRACE;
+        let mut last_heard = tokio::time::Instant::now();
+        let mut tick = tokio::time::interval(FLUSH_INTERVAL);
+        loop {
+            tokio::select! {
+                msg = channel.recv() => {
+                    last_heard = tokio::time::Instant::now();
+                    match msg {
+                        Ok(GuestMessage::JobFinished(JobFinished { result })) => return result,
+                        Ok(msg) => self.record(msg),
+                        Err(e) => {
+                            return error(format!("runner-agent channel failed{}: {e}", self.during()));
+                        }
+                    }
+                    if self.batch.full() && let Err(e) = self.flush(channel, sink).await {
+                        return error(e);
+                    }
+                }
+                status = vm.exited() => {
+                    return error(format!("vm exited with {status}{}{}", self.during(), vm.log_tail()));
+                }
+                _ = tick.tick() => {
+                    let quiet = self.last_post.elapsed() >= CANCEL_POLL_INTERVAL;
+                    if (quiet || !self.batch.events.is_empty()) && let Err(e) = self.post(channel, sink).await {
+                        return error(e);
+                    }
+                    if last_heard.elapsed() > HEARTBEAT_TIMEOUT {
+                        return error(format!("guest silent for {HEARTBEAT_TIMEOUT:?}{}", self.during()));
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    return JobResult::TimedOut { step: self.step.unwrap_or(0) };
+                }
+            }
+        }
+    }
+
+    fn record(&mut self, msg: GuestMessage) {
+        match &msg {
+            GuestMessage::StepStarted(s) => self.step = Some(s.step),
+            GuestMessage::LogChunk(c) => {
+                self.first_log.get_or_insert_with(Instant::now);
+                self.batch.bytes += c.data.len();
+            }
+            _ => {}
+        }
+        if let Some(event) = JobEventKind::from_guest(msg) {
+            self.batch.events.push(event);
+        }
+    }
+
+    /// Posts the pending batch, if any.
+    async fn flush(
+        &mut self,
+        channel: &mut GuestChannel,
+        sink: &mut impl EventSink,
+    ) -> Result<(), String> {
+        if self.batch.events.is_empty() {
+            return Ok(());
+        }
+        self.post(channel, sink).await
+    }
+
+    /// Posts the pending batch (possibly empty, to poll for cancellation);
+    /// forwards a cancel the sink reports.
+    async fn post(
+        &mut self,
+        channel: &mut GuestChannel,
+        sink: &mut impl EventSink,
+    ) -> Result<(), String> {
+        self.last_post = Instant::now();
+        let events = std::mem::take(&mut self.batch.events);
+        self.batch.bytes = 0;
+        let cancel = sink
+            .post(events)
+            .await
+            .map_err(|e| format!("posting job events failed: {e}"))?;
+        if cancel && !self.cancel_sent {
+            self.cancel_sent = true;
+            let msg = HostMessage::Cancel {
+                reason: "cancelled by the orchestrator".into(),
+            };
+            channel
+                .send_raw(&msg)
+                .await
+                .map_err(|e| format!("forwarding the cancel failed: {e}"))?;
+        }
+        Ok(())
+    }
+}

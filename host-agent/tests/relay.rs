@@ -1,0 +1,322 @@
+//! The relay against a scripted guest: a stand-in VMM process (a shell
+//! script) and a thread that speaks the guest side of `protocol` on the
+//! socket the VMM would deliver vsock connections to. No KVM needed.
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use host_agent::relay::{EventSink, run_job};
+use host_agent::vm::{RunningVm, VmSpec};
+use protocol::api::JobEventKind;
+use protocol::message::{
+    GuestHello, GuestMessage, HostMessage, Job, JobFinished, JobId, JobResult, JobStep, LogChunk,
+    OutputStream, PROTOCOL_VERSION, Secrets, StepFinished, StepStarted,
+};
+use protocol::ports::{RUNNER_AGENT_PORT, host_listener_path};
+use protocol::{read_frame, write_frame};
+
+#[derive(Default)]
+struct MemorySink {
+    events: Vec<JobEventKind>,
+    cancel: bool,
+}
+
+impl EventSink for MemorySink {
+    async fn post(&mut self, events: Vec<JobEventKind>) -> Result<bool, String> {
+        self.events.extend(events);
+        Ok(self.cancel)
+    }
+}
+
+fn fake_vmm(dir: &Path, body: &str) -> PathBuf {
+    let path = dir.join("fake-vmm");
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+fn spec(dir: &Path) -> VmSpec {
+    VmSpec {
+        name: "vm-test".into(),
+        vcpus: 1,
+        memory_mib: 128,
+        kernel: dir.join("vmlinux"),
+        image: dir.join("image"),
+        cmdline: "console=ttyS0".into(),
+        cid: 3,
+    }
+}
+
+fn job(steps: usize) -> Job {
+    Job {
+        id: JobId("job-1".into()),
+        name: "test".into(),
+        steps: (0..steps)
+            .map(|i| JobStep {
+                name: format!("step {i}"),
+                run: "true".into(),
+                working_directory: None,
+                env: Default::default(),
+                timeout_secs: None,
+            })
+            .collect(),
+        env: Default::default(),
+        secrets: Secrets::default(),
+        timeout_secs: 60,
+    }
+}
+
+/// Connects as the guest would, says Hello and Ready, and returns the stream.
+fn guest_connect(vm_dir: &Path) -> UnixStream {
+    let path = host_listener_path(&vm_dir.join("vsock.sock"), RUNNER_AGENT_PORT);
+    let mut s = UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let hello = GuestHello {
+        protocol_version: PROTOCOL_VERSION,
+        agent_version: "test".into(),
+        boot_id: "b".into(),
+        kernel_release: "6.1".into(),
+    };
+    write_frame(&mut s, &GuestMessage::Hello(hello)).unwrap();
+    assert!(matches!(
+        read_frame::<HostMessage>(&mut s).unwrap(),
+        HostMessage::HelloAck { .. }
+    ));
+    write_frame(&mut s, &GuestMessage::Ready).unwrap();
+    s
+}
+
+fn log(step: u32, seq: u64, text: &str) -> GuestMessage {
+    GuestMessage::LogChunk(LogChunk {
+        step,
+        stream: OutputStream::Stdout,
+        seq,
+        data: text.as_bytes().to_vec(),
+    })
+}
+
+async fn start(
+    dir: &Path,
+    vmm_body: &str,
+) -> (
+    RunningVm,
+    host_agent::vm::GuestChannel,
+    std::thread::JoinHandle<UnixStream>,
+) {
+    let vmm = fake_vmm(dir, vmm_body);
+    let mut vm = RunningVm::spawn(&vmm, &dir.join("state"), spec(dir))
+        .await
+        .unwrap();
+    let vm_dir = vm.dir.clone();
+    let guest = std::thread::spawn(move || guest_connect(&vm_dir));
+    let mut channel = vm.wait_hello(Duration::from_secs(10)).await.unwrap();
+    channel.wait_ready(Duration::from_secs(10)).await.unwrap();
+    (vm, channel, guest)
+}
+
+#[tokio::test]
+async fn relays_events_in_order_and_the_guest_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut vm, mut channel, guest) = start(dir.path(), "exec sleep 600").await;
+    let driver = std::thread::spawn(move || {
+        let mut s = guest.join().unwrap();
+        let HostMessage::Job(job) = read_frame::<HostMessage>(&mut s).unwrap() else {
+            panic!("no job")
+        };
+        assert_eq!(job.steps.len(), 2);
+        let mut seq = 0;
+        for step in 0..2u32 {
+            write_frame(
+                &mut s,
+                &GuestMessage::StepStarted(StepStarted {
+                    step,
+                    name: format!("step {step}"),
+                }),
+            )
+            .unwrap();
+            for i in 0..100 {
+                write_frame(&mut s, &log(step, seq, &format!("line {i}\n"))).unwrap();
+                seq += 1;
+            }
+            write_frame(
+                &mut s,
+                &GuestMessage::StepFinished(StepFinished {
+                    step,
+                    exit_code: Some(0),
+                    signal: None,
+                    duration_ms: 1,
+                }),
+            )
+            .unwrap();
+        }
+        write_frame(
+            &mut s,
+            &GuestMessage::JobFinished(JobFinished {
+                result: JobResult::Succeeded,
+            }),
+        )
+        .unwrap();
+    });
+    let mut sink = MemorySink::default();
+    let outcome = run_job(&mut vm, &mut channel, &job(2), &mut sink).await;
+    driver.join().unwrap();
+    assert_eq!(outcome.result, JobResult::Succeeded);
+    assert!(outcome.first_log.is_some());
+    let seqs: Vec<u64> = sink
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            JobEventKind::LogChunk(c) => Some(c.seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(seqs, (0..200).collect::<Vec<_>>());
+    assert!(matches!(
+        sink.events.last(),
+        Some(JobEventKind::JobFinished(JobFinished {
+            result: JobResult::Succeeded
+        }))
+    ));
+    let vm_dir = vm.dir.clone();
+    vm.destroy().await;
+    assert!(!vm_dir.exists(), "teardown must remove the VM directory");
+}
+
+#[tokio::test]
+async fn a_vmm_crash_mid_job_fails_the_job_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    // The stand-in VMM dies on its own once the job has started.
+    let (mut vm, mut channel, guest) = start(
+        dir.path(),
+        "echo 'guest crashed: triple fault' >&2; sleep 1; exit 3",
+    )
+    .await;
+    let driver = std::thread::spawn(move || {
+        let mut s = guest.join().unwrap();
+        let _job = read_frame::<HostMessage>(&mut s).unwrap();
+        write_frame(
+            &mut s,
+            &GuestMessage::StepStarted(StepStarted {
+                step: 0,
+                name: "step 0".into(),
+            }),
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_secs(3));
+        s
+    });
+    let mut sink = MemorySink::default();
+    let outcome = run_job(&mut vm, &mut channel, &job(2), &mut sink).await;
+    let JobResult::Error { reason } = &outcome.result else {
+        panic!("{outcome:?}")
+    };
+    assert!(
+        reason.contains("vm exited with exit status: 3 during step 1"),
+        "{reason}"
+    );
+    assert!(reason.contains("triple fault"), "{reason}");
+    assert!(matches!(
+        sink.events.last(),
+        Some(JobEventKind::JobFinished(_))
+    ));
+    driver.join().unwrap();
+    vm.destroy().await;
+}
+
+#[tokio::test]
+async fn a_bad_frame_ends_the_job_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut vm, mut channel, guest) = start(dir.path(), "exec sleep 600").await;
+    let driver = std::thread::spawn(move || {
+        let mut s = guest.join().unwrap();
+        let _job = read_frame::<HostMessage>(&mut s).unwrap();
+        // A 4 GiB length prefix.
+        std::io::Write::write_all(&mut s, &[0xff, 0xff, 0xff, 0xff, 1, 2, 3]).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+    });
+    let mut sink = MemorySink::default();
+    let outcome = run_job(&mut vm, &mut channel, &job(1), &mut sink).await;
+    let JobResult::Error { reason } = &outcome.result else {
+        panic!("{outcome:?}")
+    };
+    assert!(reason.contains("bad frame"), "{reason}");
+    driver.join().unwrap();
+    vm.destroy().await;
+}
+
+#[tokio::test]
+async fn a_cancel_from_the_sink_reaches_the_guest() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut vm, mut channel, guest) = start(dir.path(), "exec sleep 600").await;
+    let driver = std::thread::spawn(move || {
+        let mut s = guest.join().unwrap();
+        let _job = read_frame::<HostMessage>(&mut s).unwrap();
+        write_frame(
+            &mut s,
+            &GuestMessage::StepStarted(StepStarted {
+                step: 0,
+                name: "step 0".into(),
+            }),
+        )
+        .unwrap();
+        let msg = read_frame::<HostMessage>(&mut s).unwrap();
+        assert!(matches!(msg, HostMessage::Cancel { .. }), "{msg:?}");
+        write_frame(
+            &mut s,
+            &GuestMessage::StepFinished(StepFinished {
+                step: 0,
+                exit_code: None,
+                signal: Some(9),
+                duration_ms: 5,
+            }),
+        )
+        .unwrap();
+        write_frame(
+            &mut s,
+            &GuestMessage::JobFinished(JobFinished {
+                result: JobResult::Cancelled,
+            }),
+        )
+        .unwrap();
+    });
+    let mut sink = MemorySink {
+        cancel: true,
+        ..Default::default()
+    };
+    let outcome = run_job(&mut vm, &mut channel, &job(1), &mut sink).await;
+    assert_eq!(outcome.result, JobResult::Cancelled);
+    driver.join().unwrap();
+    vm.destroy().await;
+}
+
+#[tokio::test]
+async fn a_vmm_that_dies_before_hello_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let vmm = fake_vmm(dir.path(), "echo 'cannot open /dev/kvm' >&2; exit 1");
+    let mut vm = RunningVm::spawn(&vmm, &dir.path().join("state"), spec(dir.path()))
+        .await
+        .unwrap();
+    let err = vm
+        .wait_hello(Duration::from_secs(10))
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("before the runner agent said Hello"), "{err}");
+    assert!(err.contains("cannot open /dev/kvm"), "{err}");
+    vm.destroy().await;
+    let vmm = fake_vmm(dir.path(), "exec sleep 600");
+    let mut vm = RunningVm::spawn(&vmm, &dir.path().join("state"), spec(dir.path()))
+        .await
+        .unwrap();
+    let err = vm
+        .wait_hello(Duration::from_millis(300))
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("no Hello within"), "{err}");
+    vm.destroy().await;
+}
