@@ -2,8 +2,17 @@
 //! from the orchestrator and relays them to the runner agent over vsock.
 //!
 //! Modules: [`config`] (the TOML file), [`vm`] (one VM: directory, VMM
-//! process, vsock channel), [`relay`] (one job on one VM).
+//! process, vsock channel), [`relay`] (one job on one VM), [`sink`] (the
+//! orchestrator as the relay's event sink), [`pool`] (a slot's VM cycle),
+//! [`agent`] (the daemon), [`cleanup`] (what a crashed run left),
+//! [`metrics`], [`single_shot`] (`host-agent run job.yaml`).
 
+pub mod agent;
+pub mod cleanup;
 pub mod config;
+pub mod metrics;
+pub mod pool;
 pub mod relay;
+pub mod single_shot;
+pub mod sink;
 pub mod vm;

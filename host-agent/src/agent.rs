@@ -1,0 +1,146 @@
+//! The daemon: cleans up after a previous run, serves metrics, runs every
+//! pool slot, and on SIGTERM/SIGINT drains (no new jobs; running jobs get a
+//! grace period) before tearing everything down.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use orchestrator::client::ApiClient;
+use tokio::sync::watch;
+
+use crate::cleanup::remove_leftovers;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::pool::{CycleReport, Shared, run_slot, vms_dir};
+
+/// How long running jobs may continue after a stop signal.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
+
+/// Errors that stop the agent from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The state directory could not be prepared.
+    #[error("state directory {path}: {source}")]
+    StateDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The orchestrator client could not be built.
+    #[error("orchestrator client: {0}")]
+    Client(#[from] orchestrator::client::ClientError),
+    /// The metrics address could not be bound.
+    #[error("metrics endpoint {addr}: {source}")]
+    Metrics {
+        /// The address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A started agent: its slot tasks and the switch that drains them.
+pub struct Agent {
+    drain: watch::Sender<bool>,
+    slots: tokio::task::JoinSet<Vec<CycleReport>>,
+    shared: Arc<Shared>,
+}
+
+impl Agent {
+    /// Cleans up, starts the metrics endpoint and every slot. With `once`,
+    /// each slot runs a single VM cycle.
+    pub async fn start(config: Config, once: bool) -> Result<Agent, AgentError> {
+        let vms = vms_dir(&config);
+        let state_err = |source| AgentError::StateDir {
+            path: config.state_dir.clone(),
+            source,
+        };
+        let cleaned = remove_leftovers(&vms, &config.vmm).map_err(state_err)?;
+        if cleaned.dirs > 0 {
+            tracing::warn!(
+                processes = cleaned.processes,
+                dirs = cleaned.dirs,
+                "removed what a previous run left behind"
+            );
+        }
+        std::fs::create_dir_all(&vms).map_err(state_err)?;
+        let metrics = Arc::new(Metrics::new());
+        if let Some(addr) = &config.metrics_listen {
+            serve_metrics(addr, Arc::clone(&metrics)).await?;
+        }
+        let client = ApiClient::new(&config.orchestrator.url)?;
+        let (drain, draining) = watch::channel(false);
+        let shared = Arc::new(Shared::new(config, client, metrics, draining));
+        let mut slots = tokio::task::JoinSet::new();
+        for pool in &shared.config.pools {
+            for slot in 0..pool.size {
+                slots.spawn(run_slot(Arc::clone(&shared), pool.clone(), slot, once));
+            }
+        }
+        Ok(Agent {
+            drain,
+            slots,
+            shared,
+        })
+    }
+
+    /// Waits until every slot has ended on its own (single-shot mode).
+    pub async fn join(mut self) -> Vec<CycleReport> {
+        let mut reports = Vec::new();
+        while let Some(r) = self.slots.join_next().await {
+            reports.extend(r.unwrap_or_default());
+        }
+        reports
+    }
+
+    /// Stops taking jobs, lets running ones finish within `grace`, then
+    /// tears down whatever is left.
+    pub async fn shutdown(mut self, grace: Duration) -> Vec<CycleReport> {
+        let _ = self.drain.send(true);
+        let mut reports = Vec::new();
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            match tokio::time::timeout_at(deadline, self.slots.join_next()).await {
+                Ok(Some(r)) => reports.extend(r.unwrap_or_default()),
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::warn!("grace period over: killing the remaining VMs");
+                    self.slots.shutdown().await;
+                    break;
+                }
+            }
+        }
+        let config = &self.shared.config;
+        if let Err(e) = remove_leftovers(&vms_dir(config), &config.vmm) {
+            tracing::warn!("final clean-up failed: {e}");
+        }
+        reports
+    }
+
+    /// The metrics (for the single-shot summary and tests).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.shared.metrics)
+    }
+}
+
+async fn serve_metrics(addr: &str, metrics: Arc<Metrics>) -> Result<(), AgentError> {
+    let err = |source| AgentError::Metrics {
+        addr: addr.to_string(),
+        source,
+    };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(err)?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let metrics = Arc::clone(&metrics);
+            async move { metrics.encode() }
+        }),
+    );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("metrics endpoint failed: {e}");
+        }
+    });
+    Ok(())
+}

@@ -1,0 +1,92 @@
+//! Start-up clean-up: whatever a previous (crashed) run of the agent left in
+//! its state directory goes before any new VM is created. Each VM directory
+//! may hold `vmm.pid`; the process it names is killed (with its process
+//! group) only if it still runs the configured VMM binary, so a recycled pid
+//! never hits an unrelated process.
+
+use std::path::Path;
+
+/// What the clean-up removed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Cleaned {
+    /// VMM processes killed.
+    pub processes: usize,
+    /// VM directories removed.
+    pub dirs: usize,
+}
+
+/// Kills leftover VMMs and removes every directory under `vms_dir`.
+pub fn remove_leftovers(vms_dir: &Path, vmm: &Path) -> std::io::Result<Cleaned> {
+    let mut cleaned = Cleaned::default();
+    let entries = match std::fs::read_dir(vms_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(cleaned),
+        Err(e) => return Err(e),
+    };
+    let vmm = std::fs::canonicalize(vmm).unwrap_or_else(|_| vmm.to_path_buf());
+    for entry in entries {
+        let dir = entry?.path();
+        if let Some(pid) = std::fs::read_to_string(dir.join("vmm.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+            && runs(pid, &vmm)
+        {
+            let pid = nix::unistd::Pid::from_raw(pid);
+            let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            cleaned.processes += 1;
+        }
+        if dir.is_dir() {
+            std::fs::remove_dir_all(&dir)?;
+        } else {
+            std::fs::remove_file(&dir)?;
+        }
+        cleaned.dirs += 1;
+    }
+    Ok(cleaned)
+}
+
+/// Whether process `pid` executes `binary`.
+fn runs(pid: i32, binary: &Path) -> bool {
+    std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| exe == binary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kills_leftover_vmms_and_removes_their_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let vms = dir.path().join("vms");
+        // A leftover "VMM": a sleep process, so the configured binary is sleep.
+        let sleep = std::fs::canonicalize("/bin/sleep").unwrap();
+        let mut child = std::process::Command::new(&sleep)
+            .arg("600")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        std::fs::create_dir_all(vms.join("pool-0-a")).unwrap();
+        std::fs::write(vms.join("pool-0-a/vmm.pid"), child.id().to_string()).unwrap();
+        std::fs::create_dir_all(vms.join("pool-1-b")).unwrap();
+        // A pid that runs something else must not be killed.
+        std::fs::write(vms.join("pool-1-b/vmm.pid"), std::process::id().to_string()).unwrap();
+        let cleaned = remove_leftovers(&vms, &sleep).unwrap();
+        assert_eq!(
+            cleaned,
+            Cleaned {
+                processes: 1,
+                dirs: 2
+            }
+        );
+        let status = child.wait().unwrap();
+        assert!(!status.success(), "the leftover VMM was not killed");
+        assert_eq!(std::fs::read_dir(&vms).unwrap().count(), 0);
+        assert_eq!(
+            remove_leftovers(&dir.path().join("none"), &sleep).unwrap(),
+            Cleaned::default()
+        );
+    }
+
+    use std::os::unix::process::CommandExt;
+}

@@ -1,0 +1,153 @@
+//! `host-agent`: the per-host daemon (`serve`) and the single-shot runner
+//! (`run job.yaml`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use host_agent::agent::{Agent, SHUTDOWN_GRACE};
+use host_agent::config::Config;
+use host_agent::single_shot::{RunOptions, run};
+
+/// Kindling host agent.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the daemon: keep the configured pools warm and run jobs from the orchestrator.
+    Serve {
+        /// TOML configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run one job in one fresh microVM with an embedded orchestrator, print its
+    /// logs and a timing summary, and exit with its result (0 ok, 1 failed, 2 other).
+    Run {
+        /// Job spec (YAML, or JSON with a .json extension).
+        job: PathBuf,
+        /// A secret for the job: NAME=VALUE, or NAME to read it from the environment.
+        #[arg(long = "secret")]
+        secrets: Vec<String>,
+        /// The vmm binary.
+        #[arg(long)]
+        vmm: PathBuf,
+        /// Guest kernel.
+        #[arg(long)]
+        kernel: PathBuf,
+        /// Guest root image.
+        #[arg(long)]
+        image: PathBuf,
+        /// vCPUs.
+        #[arg(long, default_value_t = 1)]
+        vcpus: u8,
+        /// Memory in MiB.
+        #[arg(long, default_value_t = 256)]
+        memory_mib: u32,
+        /// State directory (default: a temporary one, removed at the end).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Seconds to wait for the guest's Hello.
+        #[arg(long, default_value_t = 60)]
+        boot_timeout: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("host-agent: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let code = runtime.block_on(async {
+        match cli.command {
+            Cmd::Serve { config } => serve(config).await,
+            Cmd::Run {
+                job,
+                secrets,
+                vmm,
+                kernel,
+                image,
+                vcpus,
+                memory_mib,
+                state_dir,
+                boot_timeout,
+            } => {
+                let secrets = match parse_secrets(&secrets) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        eprintln!("host-agent: {e}");
+                        return 2;
+                    }
+                };
+                let opts = RunOptions {
+                    job,
+                    secrets,
+                    vmm,
+                    kernel,
+                    image,
+                    vcpus,
+                    memory_mib,
+                    state_dir,
+                    boot_timeout_secs: boot_timeout,
+                };
+                match run(opts).await {
+                    Ok(code) => code,
+                    Err(e) => {
+                        eprintln!("host-agent: {e}");
+                        2
+                    }
+                }
+            }
+        }
+    });
+    ExitCode::from(u8::try_from(code).unwrap_or(2))
+}
+
+async fn serve(path: PathBuf) -> i32 {
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("host-agent: {e}");
+            return 2;
+        }
+    };
+    let agent = match Agent::start(config, false).await {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("host-agent: {e}");
+            return 2;
+        }
+    };
+    tracing::info!("host agent running");
+    orchestrator::server::termination_signal().await;
+    tracing::info!("stopping: no new jobs, {SHUTDOWN_GRACE:?} for running ones");
+    agent.shutdown(SHUTDOWN_GRACE).await;
+    0
+}
+
+fn parse_secrets(specs: &[String]) -> Result<Vec<(String, String)>, String> {
+    specs
+        .iter()
+        .map(|s| match s.split_once('=') {
+            Some((k, v)) => Ok((k.to_string(), v.to_string())),
+            None => std::env::var(s)
+                .map(|v| (s.clone(), v))
+                .map_err(|_| format!("--secret {s}: no value given and ${s} is not set")),
+        })
+        .collect()
+}

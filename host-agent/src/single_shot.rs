@@ -1,0 +1,256 @@
+//! `host-agent run job.yaml`: the whole lifecycle on one machine, once.
+//!
+//! Starts an embedded orchestrator on loopback with fresh credentials, a
+//! one-VM pool whose labels are the job's `runs-on`, submits the job, prints
+//! its logs live as they arrive, and after the VM is destroyed prints a
+//! timing summary. Nothing is left behind: the VM's directory goes with the
+//! VM, and the state directory (archive included) is removed at the end
+//! unless the caller named one.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use orchestrator::auth::Credentials;
+use orchestrator::client::ApiClient;
+use orchestrator::config::{Limits as OrchestratorLimits, ServerConfig};
+use orchestrator::server::Server;
+use protocol::api::{JobEventKind, JobState, SubmitJobRequest};
+use protocol::job::JobSpec;
+use protocol::message::{OutputStream, Secrets};
+
+use crate::agent::Agent;
+use crate::config::{Config, Limits, OrchestratorConfig, PoolConfig};
+use crate::pool::CycleReport;
+
+/// What `host-agent run` needs.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The job spec file (YAML or JSON).
+    pub job: PathBuf,
+    /// Secrets by name.
+    pub secrets: Vec<(String, String)>,
+    /// The `vmm` binary.
+    pub vmm: PathBuf,
+    /// Guest kernel.
+    pub kernel: PathBuf,
+    /// Root image.
+    pub image: PathBuf,
+    /// vCPUs of the VM.
+    pub vcpus: u8,
+    /// Memory of the VM in MiB.
+    pub memory_mib: u32,
+    /// State directory; a temporary one (removed at the end) if `None`.
+    pub state_dir: Option<PathBuf>,
+    /// Seconds to wait for the runner agent's Hello.
+    pub boot_timeout_secs: u64,
+}
+
+/// Runs the job; returns the process exit code (0 succeeded, 1 failed, 2 other).
+pub async fn run(opts: RunOptions) -> Result<i32, String> {
+    let t0 = Instant::now();
+    let text = std::fs::read_to_string(&opts.job)
+        .map_err(|e| format!("cannot read {}: {e}", opts.job.display()))?;
+    let spec = if opts.job.extension().is_some_and(|e| e == "json") {
+        JobSpec::from_json(&text)
+    } else {
+        JobSpec::from_yaml(&text)
+    }
+    .map_err(|e| format!("{}: {e}", opts.job.display()))?;
+    spec.validate()
+        .map_err(|e| format!("{}: {e}", opts.job.display()))?;
+
+    let temp_state = opts.state_dir.is_none();
+    let state_dir = match &opts.state_dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!("kindling-run-{}", std::process::id())),
+    };
+    let host_credential = random_hex(24)?;
+    let client_credential = random_hex(24)?;
+    let credentials =
+        Credentials::new(&host_credential, &client_credential).map_err(|e| e.to_string())?;
+    let server = Server::bind(ServerConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        archive_dir: state_dir.join("archive"),
+        credentials,
+        limits: OrchestratorLimits::default(),
+    })
+    .await
+    .map_err(|e| format!("starting the embedded orchestrator: {e}"))?;
+    let url = format!("http://{}", server.local_addr().map_err(|e| e.to_string())?);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server_task = tokio::spawn(server.run(async move {
+        let _ = stop_rx.await;
+    }));
+
+    let labels = if spec.runs_on.is_empty() {
+        vec!["default".to_string()]
+    } else {
+        spec.runs_on.clone()
+    };
+    let config = Config {
+        host_id: "single-shot".into(),
+        state_dir: state_dir.clone(),
+        vmm: opts.vmm.clone(),
+        metrics_listen: None,
+        orchestrator: OrchestratorConfig {
+            url: url.clone(),
+            host_credential,
+        },
+        limits: Limits {
+            vcpus: u32::from(opts.vcpus),
+            memory_mib: u64::from(opts.memory_mib),
+        },
+        pools: vec![PoolConfig {
+            name: "run".into(),
+            labels,
+            size: 1,
+            vcpus: opts.vcpus,
+            memory_mib: opts.memory_mib,
+            kernel: opts.kernel.clone(),
+            image: opts.image.clone(),
+            cmdline_extra: String::new(),
+            boot_timeout_secs: opts.boot_timeout_secs,
+        }],
+    };
+    config.validate().map_err(|e| e.to_string())?;
+    let setup = t0.elapsed();
+
+    eprintln!(
+        "==> booting a microVM for job '{}' ({} step(s))",
+        spec.name,
+        spec.steps.len()
+    );
+    let agent = Agent::start(config, true)
+        .await
+        .map_err(|e| e.to_string())?;
+    let client = ApiClient::new(&url).map_err(|e| e.to_string())?;
+    let secrets = Secrets(opts.secrets.into_iter().collect());
+    let submitted = Instant::now();
+    let job_id = client
+        .submit(&client_credential, &SubmitJobRequest { spec, secrets })
+        .await
+        .map_err(|e| format!("submitting the job: {e}"))?;
+    let mut first_line: Option<Duration> = None;
+    let report = client
+        .follow(&client_credential, &job_id, |event| {
+            print_event(&event.event, submitted, &mut first_line);
+        })
+        .await
+        .map_err(|e| format!("following the job: {e}"))?;
+    let cycles = agent.join().await;
+    let _ = stop_tx.send(());
+    let _ = server_task.await;
+    if temp_state {
+        let _ = std::fs::remove_dir_all(&state_dir);
+    }
+    let leftovers = std::fs::read_dir(state_dir.join("vms"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+
+    let code = match &report.status.state {
+        JobState::Succeeded => 0,
+        JobState::Failed { .. } => 1,
+        _ => 2,
+    };
+    eprintln!();
+    eprintln!(
+        "job {}: {}",
+        job_id,
+        describe(&report.status.state, report.detail.as_deref())
+    );
+    print_summary(
+        setup,
+        submitted.elapsed(),
+        first_line,
+        cycles.first(),
+        leftovers,
+    );
+    Ok(code)
+}
+
+fn print_event(event: &JobEventKind, submitted: Instant, first_line: &mut Option<Duration>) {
+    match event {
+        JobEventKind::StepStarted(s) => eprintln!("==> step {}: {}", s.step + 1, s.name),
+        JobEventKind::LogChunk(chunk) => {
+            first_line.get_or_insert_with(|| submitted.elapsed());
+            let result = match chunk.stream {
+                OutputStream::Stdout => std::io::stdout()
+                    .write_all(&chunk.data)
+                    .and_then(|_| std::io::stdout().flush()),
+                OutputStream::Stderr => std::io::stderr().write_all(&chunk.data),
+            };
+            let _ = result;
+        }
+        JobEventKind::StepFinished(f) => {
+            let how = match (f.exit_code, f.signal) {
+                (Some(code), _) => format!("exit {code}"),
+                (None, Some(sig)) => format!("killed by signal {sig}"),
+                (None, None) => "ended".into(),
+            };
+            eprintln!(
+                "<== step {}: {how} in {:.2} s",
+                f.step + 1,
+                f.duration_ms as f64 / 1000.0
+            );
+        }
+        JobEventKind::JobFinished(_) => {}
+    }
+}
+
+fn describe(state: &JobState, detail: Option<&str>) -> String {
+    let base = match state {
+        JobState::Succeeded => "succeeded".to_string(),
+        JobState::Failed { step } => format!("failed at step {}", step + 1),
+        JobState::TimedOut { step } => format!("timed out in step {}", step + 1),
+        JobState::Cancelled => "cancelled".into(),
+        JobState::Error { reason } => format!("error: {reason}"),
+        other => format!("{other:?}"),
+    };
+    match detail {
+        Some(d) if !base.contains(d) => format!("{base} ({d})"),
+        _ => base,
+    }
+}
+
+fn print_summary(
+    setup: Duration,
+    total: Duration,
+    first_line: Option<Duration>,
+    cycle: Option<&CycleReport>,
+    leftovers: usize,
+) {
+    let secs =
+        |d: Option<Duration>| d.map_or("-".to_string(), |d| format!("{:>8.3} s", d.as_secs_f64()));
+    eprintln!("timing summary:");
+    eprintln!("  setup (orchestrator, config)      {}", secs(Some(setup)));
+    if let Some(c) = cycle {
+        eprintln!(
+            "  boot: VMM start -> agent Hello    {}",
+            secs(c.boot_to_hello)
+        );
+        eprintln!(
+            "  agent Hello -> Ready              {}",
+            secs(c.hello_to_ready)
+        );
+        eprintln!(
+            "  dispatch: job -> first log chunk  {}",
+            secs(c.dispatch_to_first_log)
+        );
+        eprintln!("  run: job -> job finished          {}", secs(c.run));
+        eprintln!("  teardown                          {}", secs(c.teardown));
+        if let Some(why) = &c.failure {
+            eprintln!("  VM failure: {why}");
+        }
+    }
+    eprintln!("  submit -> first log line (client) {}", secs(first_line));
+    eprintln!("  submit -> VM destroyed            {}", secs(Some(total)));
+    eprintln!("  VMs left on this host             {leftovers:>8}");
+}
+
+fn random_hex(bytes: usize) -> Result<String, String> {
+    let mut buf = vec![0u8; bytes];
+    getrandom::fill(&mut buf).map_err(|e| format!("no randomness: {e}"))?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}

@@ -1,0 +1,81 @@
+//! The orchestrator as an [`EventSink`]: numbers a job's events from 0,
+//! posts them with the VM's token, retries transport failures (posts are
+//! idempotent by sequence number), and reads `410 Gone` as "the job was
+//! ended on the orchestrator's side" (cancelled, or timed out there), which
+//! the relay turns into a `Cancel` for the guest.
+
+use std::time::Duration;
+
+use orchestrator::client::{ApiClient, ClientError};
+use protocol::api::{JobEvent, JobEventKind, VmToken};
+use protocol::message::JobId;
+use reqwest::StatusCode;
+
+use crate::relay::EventSink;
+
+/// Attempts per batch before the job is given up.
+const ATTEMPTS: u32 = 5;
+
+/// Posts one job's events to the orchestrator.
+pub struct OrchestratorSink {
+    client: ApiClient,
+    job_id: JobId,
+    token: VmToken,
+    next_seq: u64,
+    gone: bool,
+}
+
+impl OrchestratorSink {
+    /// A sink for `job_id`, authenticated by the VM's `token`.
+    pub fn new(client: ApiClient, job_id: JobId, token: VmToken) -> Self {
+        Self {
+            client,
+            job_id,
+            token,
+            next_seq: 0,
+            gone: false,
+        }
+    }
+}
+
+impl EventSink for OrchestratorSink {
+    async fn post(&mut self, events: Vec<JobEventKind>) -> Result<bool, String> {
+        if self.gone {
+            return Ok(true);
+        }
+        let first = self.next_seq;
+        let batch: Vec<JobEvent> = events
+            .into_iter()
+            .enumerate()
+            .map(|(i, event)| JobEvent {
+                seq: first + i as u64,
+                event,
+            })
+            .collect();
+        let count = batch.len() as u64;
+        let mut delay = Duration::from_millis(100);
+        for attempt in 1..=ATTEMPTS {
+            match self
+                .client
+                .post_events(&self.job_id, &self.token, batch.clone())
+                .await
+            {
+                Ok(_) => {
+                    self.next_seq = first + count;
+                    return Ok(false);
+                }
+                Err(e) if e.status() == Some(StatusCode::GONE) => {
+                    self.gone = true;
+                    return Ok(true);
+                }
+                Err(e @ ClientError::Transport { .. }) if attempt < ATTEMPTS => {
+                    tracing::warn!(job = %self.job_id, attempt, error = %e, "posting events failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Err("posting events failed".into())
+    }
+}
