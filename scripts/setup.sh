@@ -3,7 +3,7 @@
 # what is already there, then builds (or finds in the cache) the guest
 # kernel. Safe to run again at any time.
 #
-#   scripts/setup.sh            packages + guest kernel
+#   scripts/setup.sh            packages + guest kernel + minimal guest image
 #   scripts/setup.sh --packages only the Debian packages
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -42,4 +42,7 @@ if [[ "${1:-}" != "--packages" ]]; then
     t0=$(now)
     KINDLING_KERNEL_DIR="$("$repo_root/kernel-config/build.sh" --print-dir)"
     say "guest kernel ready in $KINDLING_KERNEL_DIR ($(elapsed "$t0"))"
+    t0=$(now)
+    KINDLING_IMAGE="$("$repo_root/guest-image/build.sh" minimal --print-path)"
+    say "minimal guest image ready: $KINDLING_IMAGE ($(elapsed "$t0"))"
 fi

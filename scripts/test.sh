@@ -13,7 +13,8 @@ phase() { phases+=("$(printf '%-28s %s' "$1" "$2")"); }
 t0=$(now)
 "$repo_root/scripts/setup.sh"
 KINDLING_KERNEL_DIR="$("$repo_root/kernel-config/build.sh" --print-dir)"
-export KINDLING_KERNEL_DIR
+KINDLING_IMAGE="$("$repo_root/guest-image/build.sh" minimal --print-path)"
+export KINDLING_KERNEL_DIR KINDLING_IMAGE
 phase "setup + guest kernel" "$(elapsed "$t0")"
 
 say "kernel config completeness ($KINDLING_KERNEL_DIR/config)"

@@ -1,5 +1,7 @@
-# The main job's scenario (runs in the L1, or on a hardware-KVM host).
-set -e
-echo "== KVM: a tiny 64-bit guest through kvm-ioctls"
-kvm-smoke
-echo "== guest kernel: $(ls -la "$ASSETS/vmlinux" | awk '{print $5}') bytes"
+# The main job's scenario: runs in the L1 (or directly on a hardware-KVM host).
+# host-agent run: embedded orchestrator + one fresh microVM + the job + teardown.
+exec host-agent run "$ASSETS/job.yaml" \
+    --secret API_TOKEN=kindling-demo-secret \
+    --vmm "$(command -v vmm)" \
+    --kernel "$ASSETS/vmlinux" --image "$ASSETS/minimal.erofs" \
+    --vcpus 1 --memory-mib 256

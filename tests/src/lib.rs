@@ -6,6 +6,7 @@
 //! directly on the host when it has hardware KVM. Used by the end-to-end
 //! tests (as a library) and by the README commands (as the `harness` CLI).
 
+pub mod assets;
 pub mod direct;
 pub mod host;
 pub mod initramfs;
