@@ -1,0 +1,282 @@
+//! Virtio devices over the virtio-mmio transport (virtio 1.2, section 4.2).
+//!
+//! A device implements [`VirtioDevice`]: its id, queues, features and
+//! config space, and what to do when the driver notifies a queue or a host
+//! backend fd becomes ready. The [`mmio::MmioTransport`] owns the queues
+//! and the register state machine, hands the device a [`QueueContext`] for
+//! each piece of work, and turns a [`DeviceError`] into the virtio
+//! `DEVICE_NEEDS_RESET` state: a misbehaving driver stops its own device,
+//! never the VMM.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::event_loop::Registrar;
+use crate::memory::GuestMemory;
+
+pub mod block;
+pub mod mmio;
+pub mod net;
+pub mod rng;
+#[cfg(test)]
+pub mod testing;
+pub mod vsock;
+
+/// `VIRTIO_F_VERSION_1`: the device is a modern (virtio 1.x) device.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// Interrupt status bit: a used ring was updated.
+pub const INTERRUPT_VRING: u32 = 1;
+/// Interrupt status bit: the configuration (or device status) changed.
+pub const INTERRUPT_CONFIG: u32 = 2;
+
+/// A failure that stops one device until the driver resets it.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The driver broke the queue protocol (e.g. a bad available index).
+    #[error("queue {queue}: {reason}")]
+    Queue {
+        /// The queue index.
+        queue: usize,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The host side of the device failed.
+    #[error("backend: {0}")]
+    Backend(String),
+}
+
+/// The device-to-driver interrupt line and the "needs reset" flag.
+#[derive(Debug)]
+pub struct Interrupt {
+    status: AtomicU32,
+    needs_reset: AtomicBool,
+    irq: EventFd,
+}
+
+impl Interrupt {
+    /// An interrupt raised by writing `irq` (an irqfd).
+    pub fn new(irq: EventFd) -> Self {
+        Self {
+            status: AtomicU32::new(0),
+            needs_reset: AtomicBool::new(false),
+            irq,
+        }
+    }
+
+    fn raise(&self, bit: u32) {
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        if let Err(e) = self.irq.write(1) {
+            log::warn!("virtio: cannot raise interrupt: {e}");
+        }
+    }
+
+    /// Tells the driver a used ring changed.
+    pub fn signal_used_queue(&self) {
+        self.raise(INTERRUPT_VRING);
+    }
+
+    /// Tells the driver the config space or device status changed.
+    pub fn signal_config_change(&self) {
+        self.raise(INTERRUPT_CONFIG);
+    }
+
+    /// Puts the device into `DEVICE_NEEDS_RESET` and tells the driver.
+    pub fn set_needs_reset(&self) {
+        self.needs_reset.store(true, Ordering::SeqCst);
+        self.signal_config_change();
+    }
+
+    /// Whether the device is in `DEVICE_NEEDS_RESET`.
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::SeqCst)
+    }
+
+    /// The pending interrupt bits.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// Clears the bits the driver acknowledged.
+    pub fn acknowledge(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    /// Clears everything (device reset).
+    pub fn reset(&self) {
+        self.status.store(0, Ordering::SeqCst);
+        self.needs_reset.store(false, Ordering::SeqCst);
+    }
+}
+
+/// What a device may touch while it works.
+pub struct QueueContext<'a> {
+    /// Guest memory.
+    pub mem: &'a GuestMemory,
+    /// The device's queues, in index order.
+    pub queues: &'a mut [Queue],
+    /// The interrupt line.
+    pub interrupt: &'a Interrupt,
+    /// Adds or removes backend fds on the device thread's epoll (sub-tokens
+    /// at or above [`FIRST_BACKEND_TOKEN`]).
+    pub registrar: &'a Registrar,
+}
+
+/// The first sub-token devices may use for their own fds; lower ones are
+/// the queue notification eventfds.
+pub const FIRST_BACKEND_TOKEN: u32 = 0x100;
+
+/// A virtio device model.
+pub trait VirtioDevice: Send {
+    /// The virtio device id (2 = block, 4 = entropy, 1 = net, 19 = vsock).
+    fn device_type(&self) -> u32;
+    /// The maximum size of each queue.
+    fn queue_max_sizes(&self) -> Vec<u16>;
+    /// The feature bits offered (must include [`VIRTIO_F_VERSION_1`]).
+    fn features(&self) -> u64;
+    /// Reads the device config space at `offset`.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device config space (read-only for most devices).
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        log::debug!(
+            "virtio device {}: ignored config write of {} bytes at {offset:#x}",
+            self.device_type(),
+            data.len()
+        );
+    }
+    /// Starts the device after the driver set DRIVER_OK.
+    fn activate(
+        &mut self,
+        _acked_features: u64,
+        _ctx: &mut QueueContext<'_>,
+    ) -> Result<(), DeviceError> {
+        Ok(())
+    }
+    /// Processes queue `queue` after the driver notified it.
+    fn queue_notified(
+        &mut self,
+        queue: usize,
+        ctx: &mut QueueContext<'_>,
+    ) -> Result<(), DeviceError>;
+    /// Handles an event on a backend fd registered with sub-token `sub`.
+    fn backend_event(
+        &mut self,
+        _sub: u32,
+        _events: EventSet,
+        _ctx: &mut QueueContext<'_>,
+    ) -> Result<(), DeviceError> {
+        Ok(())
+    }
+    /// Returns to the pre-activation state (driver reset); backend fds
+    /// registered at activation must be removed.
+    fn reset(&mut self, _registrar: &Registrar) {}
+}
+
+/// Copies the bytes of `config` at `offset` into `data`, zero-filling
+/// anything past its end (guest-controlled offsets never panic).
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if start >= config.len() {
+        return;
+    }
+    let len = data.len().min(config.len() - start);
+    data[..len].copy_from_slice(&config[start..start + len]);
+}
+
+/// A descriptor chain borrowed from guest memory.
+pub type Chain<'a> = DescriptorChain<&'a GuestMemory>;
+
+/// Pops every available chain of queue `index`, lets `handle` serve it
+/// (returning the number of bytes it wrote to the chain), puts it on the
+/// used ring and raises the interrupt if the driver wants one.
+///
+/// A bad available index or head index is a driver error for the whole
+/// queue ([`DeviceError::Queue`]); problems inside one chain are for
+/// `handle` to judge (it typically reports 0 bytes and carries on).
+pub fn process_queue<F>(
+    ctx: &mut QueueContext<'_>,
+    index: usize,
+    mut handle: F,
+) -> Result<usize, DeviceError>
+where
+    F: FnMut(&GuestMemory, Chain<'_>) -> u32,
+{
+    let mem = ctx.mem;
+    let queue_error = |reason: String| DeviceError::Queue {
+        queue: index,
+        reason,
+    };
+    let queue = ctx
+        .queues
+        .get_mut(index)
+        .ok_or_else(|| queue_error("no such queue".into()))?;
+    let mut served = 0;
+    loop {
+        let chains: Vec<Chain<'_>> = queue
+            .iter(mem)
+            .map_err(|e| queue_error(e.to_string()))?
+            .collect();
+        if chains.is_empty() {
+            break;
+        }
+        for chain in chains {
+            let head = chain.head_index();
+            let written = handle(mem, chain);
+            queue
+                .add_used(mem, head, written)
+                .map_err(|e| queue_error(format!("head {head}: {e}")))?;
+            served += 1;
+        }
+    }
+    if served > 0
+        && queue
+            .needs_notification(mem)
+            .map_err(|e| queue_error(e.to_string()))?
+    {
+        ctx.interrupt.signal_used_queue();
+    }
+    Ok(served)
+}
+
+/// Shared handle to a device's interrupt.
+pub type SharedInterrupt = Arc<Interrupt>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    #[test]
+    fn config_reads_are_bounded() {
+        let config = [1u8, 2, 3, 4];
+        let mut data = [0xffu8; 4];
+        read_config_bytes(&config, 2, &mut data);
+        assert_eq!(data, [3, 4, 0, 0]);
+        read_config_bytes(&config, 100, &mut data);
+        assert_eq!(data, [0; 4]);
+        read_config_bytes(&config, u64::MAX, &mut data);
+        assert_eq!(data, [0; 4]);
+    }
+
+    #[test]
+    fn interrupt_bits_and_reset() {
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let interrupt = Interrupt::new(irq.try_clone().unwrap());
+        interrupt.signal_used_queue();
+        interrupt.set_needs_reset();
+        assert_eq!(interrupt.status(), INTERRUPT_VRING | INTERRUPT_CONFIG);
+        assert!(interrupt.needs_reset());
+        assert_eq!(irq.read().unwrap(), 2);
+        interrupt.acknowledge(INTERRUPT_VRING);
+        assert_eq!(interrupt.status(), INTERRUPT_CONFIG);
+        interrupt.reset();
+        assert_eq!(interrupt.status(), 0);
+        assert!(!interrupt.needs_reset());
+    }
+}
