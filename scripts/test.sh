@@ -10,6 +10,9 @@ cd "$repo_root"
 declare -a phases=()
 phase() { phases+=("$(printf '%-28s %s' "$1" "$2")"); }
 
+say "cargo fmt --check"
+cargo fmt --all --check || die "formatting differs: run \`cargo fmt --all\`"
+
 t0=$(now)
 "$repo_root/scripts/setup.sh"
 KINDLING_KERNEL_DIR="$("$repo_root/kernel-config/build.sh" --print-dir)"
@@ -21,11 +24,9 @@ say "kernel config completeness ($KINDLING_KERNEL_DIR/config)"
 "$repo_root/kernel-config/check-config.sh" "$KINDLING_KERNEL_DIR/config"
 
 t0=$(now)
-say "cargo fmt --check"
-cargo fmt --all --check
 say "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-phase "format + lint" "$(elapsed "$t0")"
+phase "lint" "$(elapsed "$t0")"
 
 t0=$(now)
 say "cargo build"

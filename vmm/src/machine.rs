@@ -43,6 +43,7 @@ use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::event_loop::{EventLoop, EventLoopError};
 use crate::lifecycle::{ExitReason, ExitSignal, LifecycleError};
 use crate::loader::{self, LoaderError};
+use crate::memory;
 use crate::vcpu::{self, VcpuError, VcpuRunner};
 use crate::vm::{Vm, VmError};
 
@@ -356,6 +357,10 @@ impl Machine {
             }
         }
         let reason = self.exit.wait();
+        match memory::overhead_rss_kib(self.vm.memory()) {
+            Ok(kib) => log::info!("VMM memory overhead (RSS outside guest RAM): {kib} KiB"),
+            Err(e) => log::debug!("cannot measure RSS: {e}"),
+        }
         vcpu::stop_vcpus(&stop, threads);
         devices.stop();
         let serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());

@@ -64,3 +64,72 @@ pub fn register_with_kvm(vm: &VmFd, mem: &GuestMemory) -> Result<(), MemoryError
     }
     Ok(())
 }
+
+/// Resident memory of this process that is not guest RAM, in KiB: the
+/// VMM's own overhead. Reads `/proc/self/smaps` and leaves out the
+/// mappings that back `mem`.
+pub fn overhead_rss_kib(mem: &GuestMemory) -> std::io::Result<u64> {
+    let guest_starts: Vec<u64> = mem
+        .iter()
+        .filter_map(|r| r.get_host_address(MemoryRegionAddress(0)).ok())
+        .map(|p| p as u64)
+        .collect();
+    let smaps = std::fs::read_to_string("/proc/self/smaps")?;
+    Ok(sum_rss_excluding(&smaps, &guest_starts))
+}
+
+/// Sums the `Rss:` lines of an smaps text, skipping mappings starting at
+/// one of `excluded` addresses.
+fn sum_rss_excluding(smaps: &str, excluded: &[u64]) -> u64 {
+    let mut total = 0;
+    let mut skip = false;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((start, _)) = first.split_once('-')
+            && let Ok(start) = u64::from_str_radix(start, 16)
+        {
+            skip = excluded.contains(&start);
+        } else if let Some(rest) = line.strip_prefix("Rss:")
+            && !skip
+        {
+            total += rest
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .unwrap_or(0);
+        }
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn smaps_sum_skips_excluded_mappings() {
+        let smaps = "00400000-00452000 r-xp 00000000 08:02 173521 /usr/bin/x\n\
+                     Size:  100 kB\nRss:  40 kB\n\
+                     7f0000000000-7f0008000000 rw-p 00000000 00:00 0\n\
+                     Size:  131072 kB\nRss:  9000 kB\n\
+                     7ffd0000-7ffd2000 rw-p 00000000 00:00 0 [stack]\nRss:  8 kB\n";
+        assert_eq!(sum_rss_excluding(smaps, &[]), 9048);
+        assert_eq!(sum_rss_excluding(smaps, &[0x7f00_0000_0000]), 48);
+    }
+
+    #[test]
+    fn touched_guest_memory_is_not_overhead() {
+        let mem = allocate(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        let before = overhead_rss_kib(&mem).unwrap();
+        mem.write_slice(&vec![1u8; 32 << 20], GuestAddress(0))
+            .unwrap();
+        let after = overhead_rss_kib(&mem).unwrap();
+        // 32 MiB were touched in guest RAM; the overhead must not grow by it.
+        assert!(
+            after < before + 8 * 1024,
+            "before {before} KiB, after {after} KiB"
+        );
+    }
+}

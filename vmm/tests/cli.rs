@@ -28,13 +28,26 @@ fn invalid_configurations_exit_2_naming_the_field() {
     let cases: [(&[&str], &str); 5] = [
         (&["--kernel", "/nonexistent/vmlinux"], "kernel:"),
         (&["--kernel", "/proc/self/exe", "--vcpus", "0"], "vcpus:"),
-        (&["--kernel", "/proc/self/exe", "--memory-mib", "1"], "memory_mib:"),
         (
-            &["--kernel", "/proc/self/exe", "--vsock", "cid=1,uds=/tmp/x.sock"],
+            &["--kernel", "/proc/self/exe", "--memory-mib", "1"],
+            "memory_mib:",
+        ),
+        (
+            &[
+                "--kernel",
+                "/proc/self/exe",
+                "--vsock",
+                "cid=1,uds=/tmp/x.sock",
+            ],
             "vsock.guest_cid:",
         ),
         (
-            &["--kernel", "/proc/self/exe", "--drive", "path=/nonexistent.img"],
+            &[
+                "--kernel",
+                "/proc/self/exe",
+                "--drive",
+                "path=/nonexistent.img",
+            ],
             "drives[0].path:",
         ),
     ];
@@ -81,7 +94,14 @@ fn tiny_elf(path: &Path, code: &[u8]) {
     }
     elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
     elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
-    for word in [OFFSET, LOAD, LOAD, code.len() as u64, code.len() as u64, 0x1000] {
+    for word in [
+        OFFSET,
+        LOAD,
+        LOAD,
+        code.len() as u64,
+        code.len() as u64,
+        0x1000,
+    ] {
         elf.extend_from_slice(&word.to_le_bytes());
     }
     elf.resize(OFFSET as usize, 0);
