@@ -38,5 +38,11 @@ say "cargo test (unit, KVM-on-host and nested end-to-end tests)"
 cargo test --workspace --locked
 phase "tests" "$(elapsed "$t0")"
 
+t0=$(now)
+say "vmm end-to-end in the nested harness (1 and 2 vCPUs: blk, vsock both ways, net, rng, reboot)"
+sh "$repo_root/vmm/tests/nested/run.sh" 1
+sh "$repo_root/vmm/tests/nested/run.sh" 2
+phase "vmm nested end-to-end" "$(elapsed "$t0")"
+
 say "summary"
 printf '  %s\n' "${phases[@]}" >&2

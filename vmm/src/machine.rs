@@ -26,7 +26,7 @@ use crate::arch::x86_64::regs::{EntryMode, EntryPoint};
 use crate::config::{SerialOutput, VmConfig};
 use crate::devices::boot_timer::{BOOT_TIMER_PORT, BOOT_TIMER_PORT_COUNT, BootMark, BootTimer};
 use crate::devices::bus::{Bus, BusError};
-use crate::devices::i8042::{I8042, I8042_PORT, I8042_PORT_COUNT, KEYBOARD_IRQ};
+use crate::devices::i8042::{AUX_IRQ, I8042, I8042_PORT, I8042_PORT_COUNT, KEYBOARD_IRQ};
 use crate::devices::serial::{
     BoundedWriter, COM1_IRQ, COM1_PORT, IrqLine, SerialDevice, UART_PORT_COUNT,
 };
@@ -234,10 +234,13 @@ impl Machine {
         pio.insert(serial.clone(), COM1_PORT, UART_PORT_COUNT)?;
         let keyboard_irq = EventFd::new(EFD_NONBLOCK).map_err(MachineError::EventFd)?;
         vm.register_irqfd(&keyboard_irq, KEYBOARD_IRQ)?;
+        let aux_irq = EventFd::new(EFD_NONBLOCK).map_err(MachineError::EventFd)?;
+        vm.register_irqfd(&aux_irq, AUX_IRQ)?;
         pio.insert(
             Arc::new(Mutex::new(I8042::new(
                 exit.clone(),
                 Some(IrqLine(keyboard_irq)),
+                Some(IrqLine(aux_irq)),
             ))),
             I8042_PORT,
             I8042_PORT_COUNT,

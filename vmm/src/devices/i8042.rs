@@ -5,7 +5,9 @@
 //! exit. It also answers the controller commands Linux's i8042 driver
 //! sends while probing (read/write the command byte, self tests), because a
 //! controller that never answers costs seconds of probe timeouts at boot.
-//! There is no keyboard behind it: bytes written to a device get an ACK.
+//! There is no keyboard behind it: bytes written to it get an ACK. The
+//! auxiliary (mouse) port answers the loopback and interface tests, so
+//! Linux's AUX and MUX detection finish without waiting for timeouts.
 //!
 //! Ports: 0x60 data (read output buffer / write data), 0x64 status (read) and
 //! command (write). Output goes through a small FIFO; when the command
@@ -26,6 +28,8 @@ pub const I8042_PORT: u64 = 0x60;
 pub const I8042_PORT_COUNT: u64 = 5;
 /// Legacy IRQ of the keyboard.
 pub const KEYBOARD_IRQ: u32 = 1;
+/// Legacy IRQ of the auxiliary (mouse) port.
+pub const AUX_IRQ: u32 = 12;
 
 const DATA_OFFSET: u64 = 0;
 const COMMAND_OFFSET: u64 = 4;
@@ -33,14 +37,21 @@ const COMMAND_OFFSET: u64 = 4;
 const STATUS_OUTPUT_FULL: u8 = 0x01;
 const STATUS_SYSTEM_FLAG: u8 = 0x04;
 const STATUS_COMMAND_LAST: u8 = 0x08;
+/// "Keyboard not inhibited" (clear means the keylock is on).
+const STATUS_NOT_INHIBITED: u8 = 0x10;
+/// The byte in the output buffer comes from the auxiliary port.
+const STATUS_AUX_DATA: u8 = 0x20;
 
 const CTR_KBD_INT: u8 = 0x01;
+const CTR_AUX_INT: u8 = 0x02;
 const CTR_SYSTEM_FLAG: u8 = 0x04;
 const CTR_AUX_DISABLE: u8 = 0x20;
 const CTR_XLATE: u8 = 0x40;
 
 const CMD_READ_CTR: u8 = 0x20;
 const CMD_WRITE_CTR: u8 = 0x60;
+const CMD_AUX_DISABLE: u8 = 0xa7;
+const CMD_AUX_ENABLE: u8 = 0xa8;
 const CMD_AUX_TEST: u8 = 0xa9;
 const CMD_SELF_TEST: u8 = 0xaa;
 const CMD_KBD_TEST: u8 = 0xab;
@@ -52,7 +63,6 @@ const CMD_RESET_CPU: u8 = 0xfe;
 
 const SELF_TEST_OK: u8 = 0x55;
 const INTERFACE_OK: u8 = 0x00;
-const INTERFACE_ABSENT: u8 = 0xff;
 const KBD_ACK: u8 = 0xfa;
 const KBD_RESET: u8 = 0xff;
 const KBD_SELF_TEST_OK: u8 = 0xaa;
@@ -65,19 +75,23 @@ const OUTPUT_CAPACITY: usize = 16;
 pub struct I8042 {
     exit: Arc<ExitSignal>,
     irq: Option<IrqLine>,
+    aux_irq: Option<IrqLine>,
     command_byte: u8,
-    output: VecDeque<u8>,
+    /// Output bytes, each flagged "from the auxiliary port".
+    output: VecDeque<(u8, bool)>,
     pending: Option<u8>,
     last_was_command: bool,
 }
 
 impl I8042 {
     /// A controller that reports resets to `exit` and raises `irq` (IRQ 1)
-    /// when it has output and keyboard interrupts are enabled.
-    pub fn new(exit: Arc<ExitSignal>, irq: Option<IrqLine>) -> Self {
+    /// or `aux_irq` (IRQ 12) when it has output for the keyboard or the
+    /// auxiliary port and the command byte enables that interrupt.
+    pub fn new(exit: Arc<ExitSignal>, irq: Option<IrqLine>, aux_irq: Option<IrqLine>) -> Self {
         Self {
             exit,
             irq,
+            aux_irq,
             command_byte: CTR_SYSTEM_FLAG | CTR_AUX_DISABLE | CTR_XLATE,
             output: VecDeque::new(),
             pending: None,
@@ -86,21 +100,33 @@ impl I8042 {
     }
 
     fn push_output(&mut self, byte: u8) {
+        self.push(byte, false);
+    }
+
+    fn push(&mut self, byte: u8, aux: bool) {
         if self.output.len() < OUTPUT_CAPACITY {
-            self.output.push_back(byte);
+            self.output.push_back((byte, aux));
         }
-        if self.command_byte & CTR_KBD_INT != 0
-            && let Some(irq) = &self.irq
+        let (enable, line) = if aux {
+            (CTR_AUX_INT, &self.aux_irq)
+        } else {
+            (CTR_KBD_INT, &self.irq)
+        };
+        if self.command_byte & enable != 0
+            && let Some(irq) = line
             && let Err(e) = irq.trigger()
         {
-            log::warn!("i8042: cannot raise IRQ 1: {e}");
+            log::warn!("i8042: cannot raise an interrupt: {e}");
         }
     }
 
     fn status(&self) -> u8 {
-        let mut status = STATUS_SYSTEM_FLAG;
-        if !self.output.is_empty() {
+        let mut status = STATUS_SYSTEM_FLAG | STATUS_NOT_INHIBITED;
+        if let Some((_, aux)) = self.output.front() {
             status |= STATUS_OUTPUT_FULL;
+            if *aux {
+                status |= STATUS_AUX_DATA;
+            }
         }
         if self.last_was_command {
             status |= STATUS_COMMAND_LAST;
@@ -120,7 +146,9 @@ impl I8042 {
             | CMD_WRITE_AUX => self.pending = Some(command),
             CMD_SELF_TEST => self.push_output(SELF_TEST_OK),
             CMD_KBD_TEST => self.push_output(INTERFACE_OK),
-            CMD_AUX_TEST => self.push_output(INTERFACE_ABSENT),
+            CMD_AUX_TEST => self.push_output(INTERFACE_OK),
+            CMD_AUX_DISABLE => self.command_byte |= CTR_AUX_DISABLE,
+            CMD_AUX_ENABLE => self.command_byte &= !CTR_AUX_DISABLE,
             CMD_RESET_CPU => {
                 log::info!("i8042: guest requested a CPU reset");
                 self.exit.request(ExitReason::GuestReset);
@@ -141,8 +169,10 @@ impl I8042 {
                 }
             }
             Some(CMD_WRITE_KBD_OUTPUT) => self.push_output(value),
-            // No auxiliary device: its bytes are dropped.
-            Some(CMD_WRITE_AUX_OUTPUT | CMD_WRITE_AUX) => {}
+            // Loopback through the auxiliary port.
+            Some(CMD_WRITE_AUX_OUTPUT) => self.push(value, true),
+            // No mouse: bytes for it are dropped.
+            Some(CMD_WRITE_AUX) => {}
             _ => {
                 // A byte for the keyboard, which is absent but polite.
                 self.push_output(KBD_ACK);
@@ -161,7 +191,7 @@ impl BusDevice for I8042 {
             return;
         }
         data[0] = match offset {
-            DATA_OFFSET => self.output.pop_front().unwrap_or(0),
+            DATA_OFFSET => self.output.pop_front().map_or(0, |(byte, _)| byte),
             COMMAND_OFFSET => self.status(),
             _ => 0,
         };
@@ -191,7 +221,7 @@ mod tests {
     #[test]
     fn reset_command_requests_guest_reset() {
         let exit = ExitSignal::new().unwrap();
-        let mut dev = I8042::new(exit.clone(), None);
+        let mut dev = I8042::new(exit.clone(), None, None);
         dev.write(COMMAND_OFFSET, &[0xaa]);
         assert_eq!(exit.reason(), None);
         dev.write(COMMAND_OFFSET, &[CMD_RESET_CPU]);
@@ -201,7 +231,7 @@ mod tests {
     #[test]
     fn output_port_reset_line() {
         let exit = ExitSignal::new().unwrap();
-        let mut dev = I8042::new(exit.clone(), None);
+        let mut dev = I8042::new(exit.clone(), None, None);
         dev.write(COMMAND_OFFSET, &[CMD_WRITE_OUTPUT_PORT]);
         dev.write(DATA_OFFSET, &[0x01]);
         assert_eq!(exit.reason(), None);
@@ -212,7 +242,7 @@ mod tests {
 
     #[test]
     fn command_byte_round_trip_and_self_test() {
-        let mut dev = I8042::new(ExitSignal::new().unwrap(), None);
+        let mut dev = I8042::new(ExitSignal::new().unwrap(), None, None);
         assert_eq!(read(&mut dev, COMMAND_OFFSET) & STATUS_OUTPUT_FULL, 0);
         dev.write(COMMAND_OFFSET, &[CMD_READ_CTR]);
         assert_ne!(read(&mut dev, COMMAND_OFFSET) & STATUS_OUTPUT_FULL, 0);
@@ -232,6 +262,7 @@ mod tests {
         let mut dev = I8042::new(
             ExitSignal::new().unwrap(),
             Some(IrqLine(irq.try_clone().unwrap())),
+            None,
         );
         dev.write(DATA_OFFSET, &[KBD_RESET]);
         assert!(irq.read().is_err(), "interrupts still disabled");
@@ -245,8 +276,41 @@ mod tests {
     }
 
     #[test]
+    fn aux_loopback_raises_irq_12_when_enabled() {
+        let aux = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut dev = I8042::new(
+            ExitSignal::new().unwrap(),
+            None,
+            Some(IrqLine(aux.try_clone().unwrap())),
+        );
+        dev.write(COMMAND_OFFSET, &[CMD_WRITE_CTR]);
+        dev.write(DATA_OFFSET, &[CTR_AUX_INT]);
+        dev.write(COMMAND_OFFSET, &[CMD_WRITE_AUX_OUTPUT]);
+        dev.write(DATA_OFFSET, &[0xa5]);
+        assert_eq!(aux.read().unwrap(), 1);
+        assert_eq!(read(&mut dev, DATA_OFFSET), 0xa5);
+    }
+
+    #[test]
+    fn aux_loopback_and_disable_bit() {
+        let mut dev = I8042::new(ExitSignal::new().unwrap(), None, None);
+        assert_ne!(read(&mut dev, COMMAND_OFFSET) & STATUS_NOT_INHIBITED, 0);
+        dev.write(COMMAND_OFFSET, &[CMD_WRITE_AUX_OUTPUT]);
+        dev.write(DATA_OFFSET, &[0x5a]);
+        let status = read(&mut dev, COMMAND_OFFSET);
+        assert_eq!(status & (STATUS_OUTPUT_FULL | STATUS_AUX_DATA), 0x21);
+        assert_eq!(read(&mut dev, DATA_OFFSET), 0x5a);
+        dev.write(COMMAND_OFFSET, &[CMD_AUX_ENABLE]);
+        dev.write(COMMAND_OFFSET, &[CMD_READ_CTR]);
+        assert_eq!(read(&mut dev, DATA_OFFSET) & CTR_AUX_DISABLE, 0);
+        dev.write(COMMAND_OFFSET, &[CMD_AUX_DISABLE]);
+        dev.write(COMMAND_OFFSET, &[CMD_READ_CTR]);
+        assert_ne!(read(&mut dev, DATA_OFFSET) & CTR_AUX_DISABLE, 0);
+    }
+
+    #[test]
     fn output_fifo_is_bounded() {
-        let mut dev = I8042::new(ExitSignal::new().unwrap(), None);
+        let mut dev = I8042::new(ExitSignal::new().unwrap(), None, None);
         for _ in 0..100 {
             dev.write(COMMAND_OFFSET, &[CMD_SELF_TEST]);
         }

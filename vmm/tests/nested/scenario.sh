@@ -25,7 +25,11 @@ if vsock_echo host-send /tmp/v.sock 5000 16777216 4 > /tmp/host-send.log; then
 else
   HOST_SEND=fail; cat /tmp/host-send.log
 fi
-vsock_echo host-send /tmp/v.sock 5001 0 1 >/dev/null
+# Tell the guest to go on; it listens on 5001 only once its own sends are done.
+i=0
+until vsock_echo host-send /tmp/v.sock 5001 0 1 >/dev/null 2>&1; do
+  i=$((i+1)); [ $i -gt 1500 ] && break; sleep 0.2
+done
 wait $VMM
 CODE=$?
 kill $ECHO 2>/dev/null
