@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use orchestrator::client::ApiClient;
+use protocol::api::VmId;
 use tokio::sync::watch;
 
 use crate::cleanup::remove_leftovers;
@@ -70,6 +71,7 @@ impl Agent {
             serve_metrics(addr, Arc::clone(&metrics)).await?;
         }
         let client = ApiClient::new(&config.orchestrator.url)?;
+        deregister_leftovers(&client, &config, &cleaned.vm_ids).await;
         let (drain, draining) = watch::channel(false);
         let shared = Arc::new(Shared::new(config, client, metrics, draining));
         let mut slots = tokio::task::JoinSet::new();
@@ -111,9 +113,11 @@ impl Agent {
                 }
             }
         }
+        // Slots cut short by the grace period left their VMs registered.
         let config = &self.shared.config;
-        if let Err(e) = remove_leftovers(&vms_dir(config), &config.vmm) {
-            tracing::warn!("final clean-up failed: {e}");
+        match remove_leftovers(&vms_dir(config), &config.vmm) {
+            Ok(cleaned) => deregister_leftovers(&self.shared.client, config, &cleaned.vm_ids).await,
+            Err(e) => tracing::warn!("final clean-up failed: {e}"),
         }
         reports
     }
@@ -121,6 +125,25 @@ impl Agent {
     /// The metrics (for the single-shot summary and tests).
     pub fn metrics(&self) -> Arc<Metrics> {
         Arc::clone(&self.shared.metrics)
+    }
+}
+
+/// Deregisters VMs whose directories the clean-up removed: revokes their
+/// tokens and lets the orchestrator fail a job one of them still held.
+async fn deregister_leftovers(client: &ApiClient, config: &Config, vm_ids: &[String]) {
+    for id in vm_ids {
+        let vm_id = VmId(id.clone());
+        match client
+            .deregister_vm(&config.orchestrator.host_credential, &vm_id)
+            .await
+        {
+            Ok(()) => tracing::warn!(vm = %vm_id, "deregistered a VM left behind"),
+            // Already gone (deregistered, or expired at the orchestrator).
+            Err(e) if e.status() == Some(reqwest::StatusCode::NOT_FOUND) => {}
+            Err(e) => {
+                tracing::warn!(vm = %vm_id, "cannot deregister a VM left behind: {e}; it expires at the orchestrator");
+            }
+        }
     }
 }
 

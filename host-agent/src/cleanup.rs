@@ -2,9 +2,15 @@
 //! its state directory goes before any new VM is created. Each VM directory
 //! may hold `vmm.pid`; the process it names is killed (with its process
 //! group) only if it still runs the configured VMM binary, so a recycled pid
-//! never hits an unrelated process.
+//! never hits an unrelated process. It may also hold `vm-id`, the VM's id at
+//! the orchestrator: the ids found are returned so that the agent can
+//! deregister those VMs, which revokes their tokens and fails a job one of
+//! them still held (with a reason) instead of leaving it to its timeout.
 
 use std::path::Path;
+
+/// The file in a VM directory that holds the VM's orchestrator id.
+pub const VM_ID_FILE: &str = "vm-id";
 
 /// What the clean-up removed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -13,6 +19,25 @@ pub struct Cleaned {
     pub processes: usize,
     /// VM directories removed.
     pub dirs: usize,
+    /// Orchestrator ids of the removed VMs (to deregister).
+    pub vm_ids: Vec<String>,
+}
+
+/// Records `vm_id` in the VM directory `dir`, for a later clean-up.
+pub fn record_vm_id(dir: &Path, vm_id: &str) -> std::io::Result<()> {
+    std::fs::write(dir.join(VM_ID_FILE), vm_id)
+}
+
+/// The id in `dir/vm-id`, if it is there and looks like an id.
+fn recorded_vm_id(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join(VM_ID_FILE)).ok()?;
+    let id = text.trim();
+    let plausible = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    plausible.then(|| id.to_string())
 }
 
 /// Kills leftover VMMs and removes every directory under `vms_dir`.
@@ -35,6 +60,9 @@ pub fn remove_leftovers(vms_dir: &Path, vmm: &Path) -> std::io::Result<Cleaned> 
             let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
             cleaned.processes += 1;
+        }
+        if let Some(id) = recorded_vm_id(&dir) {
+            cleaned.vm_ids.push(id);
         }
         if dir.is_dir() {
             std::fs::remove_dir_all(&dir)?;
@@ -68,15 +96,19 @@ mod tests {
             .unwrap();
         std::fs::create_dir_all(vms.join("pool-0-a")).unwrap();
         std::fs::write(vms.join("pool-0-a/vmm.pid"), child.id().to_string()).unwrap();
+        record_vm_id(&vms.join("pool-0-a"), "vm-0123abcd").unwrap();
         std::fs::create_dir_all(vms.join("pool-1-b")).unwrap();
         // A pid that runs something else must not be killed.
         std::fs::write(vms.join("pool-1-b/vmm.pid"), std::process::id().to_string()).unwrap();
+        // An id that is not one is ignored.
+        record_vm_id(&vms.join("pool-1-b"), "vm/../x y").unwrap();
         let cleaned = remove_leftovers(&vms, &sleep).unwrap();
         assert_eq!(
             cleaned,
             Cleaned {
                 processes: 1,
-                dirs: 2
+                dirs: 2,
+                vm_ids: vec!["vm-0123abcd".into()],
             }
         );
         let status = child.wait().unwrap();

@@ -19,6 +19,7 @@ use protocol::api::{RegisterVmRequest, VmId, VmToken};
 use protocol::message::{Job, JobResult};
 use tokio::sync::watch;
 
+use crate::cleanup::record_vm_id;
 use crate::config::{Config, PoolConfig};
 use crate::metrics::Metrics;
 use crate::relay::run_job;
@@ -186,6 +187,10 @@ async fn cycle(shared: &Shared, pool: &PoolConfig, slot: u32) -> CycleReport {
             return report;
         }
     };
+    // If this agent dies, its successor's clean-up deregisters the VM.
+    if let Err(e) = record_vm_id(&vm.dir, &vm_id.0) {
+        tracing::warn!(vm = %report.vm_name, "cannot record the VM id: {e}");
+    }
     let outcome = serve_vm(shared, pool, &mut vm, &vm_id, &token, &mut report).await;
     if let Err(e) = outcome {
         report.failure = Some(e);

@@ -25,6 +25,9 @@ pub const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
 pub const CANCEL_POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// Extra time past the job's own timeout before the host gives up on the guest.
 pub const TIMEOUT_GRACE: Duration = Duration::from_secs(15);
+/// How long a failed channel waits for the VMM's exit, to report the exit
+/// (the cause) rather than the closed socket (its symptom).
+pub const EXIT_SETTLE: Duration = Duration::from_secs(1);
 
 /// Where a job's events go.
 pub trait EventSink: Send {
@@ -131,6 +134,11 @@ impl Relay {
                         Ok(GuestMessage::JobFinished(JobFinished { result })) => return result,
                         Ok(msg) => self.record(msg),
                         Err(e) => {
+                            // A dying VMM takes the guest's socket with it: if
+                            // the VMM exits right after, its exit is the cause.
+                            if let Ok(status) = tokio::time::timeout(EXIT_SETTLE, vm.exited()).await {
+                                return error(format!("vm exited with {status}{}{}", self.during(), vm.log_tail()));
+                            }
                             return error(format!("runner-agent channel failed{}: {e}", self.during()));
                         }
                     }

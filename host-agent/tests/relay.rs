@@ -226,6 +226,45 @@ async fn a_vmm_crash_mid_job_fails_the_job_with_a_reason() {
 }
 
 #[tokio::test]
+async fn a_vmm_killed_mid_job_is_reported_as_the_cause_not_the_closed_socket() {
+    // A killed VMM closes the guest's socket first and is reaped a moment
+    // later: the reason must name the exit, not the closed channel.
+    let dir = tempfile::tempdir().unwrap();
+    let closed = dir.path().join("socket-closed");
+    let body = format!(
+        "while [ ! -e {} ]; do sleep 0.05; done; exit 9",
+        closed.display()
+    );
+    let (mut vm, mut channel, guest) = start(dir.path(), &body).await;
+    let driver = std::thread::spawn(move || {
+        let mut s = guest.join().unwrap();
+        let _job = read_frame::<HostMessage>(&mut s).unwrap();
+        write_frame(
+            &mut s,
+            &GuestMessage::StepStarted(StepStarted {
+                step: 0,
+                name: "step 0".into(),
+            }),
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        drop(s);
+        std::fs::write(closed, b"").unwrap();
+    });
+    let mut sink = MemorySink::default();
+    let outcome = run_job(&mut vm, &mut channel, &job(1), &mut sink).await;
+    let JobResult::Error { reason } = &outcome.result else {
+        panic!("{outcome:?}")
+    };
+    assert!(
+        reason.starts_with("vm exited with exit status: 9 during step 1"),
+        "{reason}"
+    );
+    driver.join().unwrap();
+    vm.destroy().await;
+}
+
+#[tokio::test]
 async fn a_bad_frame_ends_the_job_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let (mut vm, mut channel, guest) = start(dir.path(), "exec sleep 600").await;
