@@ -147,6 +147,7 @@ impl EventLoop {
         let stop = self.stop.try_clone().map_err(EventLoopError::Setup)?;
         let thread = std::thread::Builder::new()
             .name("devices".into())
+            .stack_size(crate::memory::THREAD_STACK_SIZE)
             .spawn(move || self.run())
             .map_err(EventLoopError::Spawn)?;
         Ok(RunningEventLoop { stop, thread })

@@ -31,15 +31,17 @@ impl log::Log for StderrLogger {
             return;
         }
         let elapsed = since_start();
-        let mut err = std::io::stderr().lock();
-        // Logging must never fail the VMM: a closed stderr loses the line.
-        let _ = writeln!(
-            err,
-            "[vmm +{:.3}ms {}] {}",
+        // Formatted first and written with one `write` call: stderr is
+        // unbuffered, and writing piece by piece costs a syscall per
+        // fragment (about 15 per line), noticeable in the nested harness.
+        let line = format!(
+            "[vmm +{:.3}ms {}] {}\n",
             elapsed.as_secs_f64() * 1000.0,
             record.level(),
             record.args()
         );
+        // Logging must never fail the VMM: a closed stderr loses the line.
+        let _ = std::io::stderr().lock().write_all(line.as_bytes());
     }
 
     fn flush(&self) {}

@@ -136,6 +136,7 @@ impl VcpuRunner {
         let index = self.index;
         std::thread::Builder::new()
             .name(format!("vcpu{index}"))
+            .stack_size(crate::memory::THREAD_STACK_SIZE)
             .spawn(move || self.run())
             .map_err(|e| VcpuError::Spawn(index, e))
     }
