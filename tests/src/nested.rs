@@ -26,6 +26,9 @@ use crate::scenario::{Scenario, Status, Timings};
 /// Assets up to this size go into the initramfs; larger ones become disks.
 pub const INITRAMFS_ASSET_LIMIT: u64 = 64 << 20;
 
+/// Why an L1 that ended cleanly but without an exit code died.
+pub const SPONTANEOUS_END: &str = "the L1 powered off before the scenario finished";
+
 /// Modules every L1 loads: KVM on emulated SVM, and virtio disks for assets.
 const BASE_MODULES: &[&str] = &["kvm_amd", "virtio_pci", "virtio_blk"];
 
@@ -135,7 +138,7 @@ pub fn run(sc: &Scenario, workdir: &Path, nonce: &str) -> Result<NestedRun, Harn
     } else {
         let why = match qemu_status {
             Some(s) if !s.success() => format!("QEMU exited with {s}: {}", qemu_stderr.trim()),
-            _ => "the L1 powered off before the scenario finished".into(),
+            _ => SPONTANEOUS_END.into(),
         };
         Status::Died(why)
     };

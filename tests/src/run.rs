@@ -10,7 +10,7 @@ use crate::host::{ExecMode, HostKvm};
 use crate::initramfs::InitramfsError;
 use crate::l1::L1Error;
 use crate::ldd::LddError;
-use crate::scenario::{ModeChoice, Outcome, Scenario};
+use crate::scenario::{ModeChoice, Outcome, Scenario, Status};
 use crate::{direct, nested};
 
 /// Errors that prevent a scenario from running at all (as opposed to a
@@ -98,7 +98,22 @@ pub fn run(sc: &Scenario) -> Result<Outcome, HarnessError> {
     let started = Instant::now();
     let (status, output, mut timings) = match mode {
         ExecMode::Nested => {
-            let r = nested::run(sc, &workdir, &nonce)?;
+            let mut r = nested::run(sc, &workdir, &nonce)?;
+            // QEMU's TCG emulation of nested SVM very rarely resets the L1
+            // on its own (no panic, no exit code, QEMU exits 0). That is the
+            // emulator, not the scenario: run it once more in a fresh L1,
+            // saying so. A second such end is reported as the failure.
+            if is_spontaneous_reset(&r.status) {
+                let first = workdir.join("console-attempt1.log");
+                let _ = std::fs::rename(workdir.join("console.log"), &first);
+                eprintln!(
+                    "harness: WARNING: the L1 reset by itself during '{}' (console kept in {}); \
+                     retrying once in a fresh L1",
+                    sc.name,
+                    first.display()
+                );
+                r = nested::run(sc, &workdir, &nonce)?;
+            }
             (r.status, r.output, r.timings)
         }
         ExecMode::Direct => direct::run(sc, &workdir, &nonce)?,
@@ -118,6 +133,12 @@ pub fn run(sc: &Scenario) -> Result<Outcome, HarnessError> {
         timings,
         workdir,
     })
+}
+
+/// An L1 that ended without a panic, without an exit code and without a
+/// QEMU error: the guest reset itself.
+fn is_spontaneous_reset(status: &Status) -> bool {
+    matches!(status, Status::Died(why) if why == nested::SPONTANEOUS_END)
 }
 
 fn nonce() -> String {
@@ -147,6 +168,19 @@ fn tail_lines(text: &str, n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_clean_end_without_exit_code_counts_as_a_spontaneous_reset() {
+        assert!(is_spontaneous_reset(&Status::Died(
+            nested::SPONTANEOUS_END.into()
+        )));
+        assert!(!is_spontaneous_reset(&Status::Died(
+            "QEMU exited with 1".into()
+        )));
+        assert!(!is_spontaneous_reset(&Status::L1Panic));
+        assert!(!is_spontaneous_reset(&Status::Exited(1)));
+        assert!(!is_spontaneous_reset(&Status::TimedOut));
+    }
 
     #[test]
     fn tail_keeps_the_last_lines() {
