@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use orchestrator::auth::Credentials;
+use orchestrator::auth::{Credentials, random_hex};
 use orchestrator::client::ApiClient;
 use orchestrator::config::{Limits as OrchestratorLimits, ServerConfig};
 use orchestrator::server::Server;
@@ -66,8 +66,8 @@ pub async fn run(opts: RunOptions) -> Result<i32, String> {
         Some(d) => d.clone(),
         None => std::env::temp_dir().join(format!("kindling-run-{}", std::process::id())),
     };
-    let host_credential = random_hex(24)?;
-    let client_credential = random_hex(24)?;
+    let host_credential = random_hex(24).map_err(|e| e.to_string())?;
+    let client_credential = random_hex(24).map_err(|e| e.to_string())?;
     let credentials =
         Credentials::new(&host_credential, &client_credential).map_err(|e| e.to_string())?;
     let server = Server::bind(ServerConfig {
@@ -247,10 +247,4 @@ fn print_summary(
     eprintln!("  submit -> first log line (client) {}", secs(first_line));
     eprintln!("  submit -> VM destroyed            {}", secs(Some(total)));
     eprintln!("  VMs left on this host             {leftovers:>8}");
-}
-
-fn random_hex(bytes: usize) -> Result<String, String> {
-    let mut buf = vec![0u8; bytes];
-    getrandom::fill(&mut buf).map_err(|e| format!("no randomness: {e}"))?;
-    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }

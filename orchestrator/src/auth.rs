@@ -133,7 +133,8 @@ pub fn new_job_id() -> Result<JobId, AuthError> {
     Ok(JobId(format!("job-{}", random_hex(ID_BYTES)?)))
 }
 
-fn random_hex(len: usize) -> Result<String, AuthError> {
+/// `len` random bytes from the OS, as lowercase hex (credentials, ids).
+pub fn random_hex(len: usize) -> Result<String, AuthError> {
     let mut bytes = vec![0u8; len];
     getrandom::fill(&mut bytes).map_err(AuthError::Random)?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
