@@ -20,6 +20,12 @@ KINDLING_IMAGE="$("$repo_root/guest-image/build.sh" minimal --print-path)"
 export KINDLING_KERNEL_DIR KINDLING_IMAGE
 phase "setup + guest kernel" "$(elapsed "$t0")"
 
+t0=$(now)
+say "debian guest image (debootstrap on a cache miss, a few minutes)"
+KINDLING_DEBIAN_IMAGE="$("$repo_root/guest-image/build.sh" debian --print-path)"
+export KINDLING_DEBIAN_IMAGE
+phase "debian guest image" "$(elapsed "$t0")"
+
 say "kernel config completeness ($KINDLING_KERNEL_DIR/config)"
 "$repo_root/kernel-config/check-config.sh" "$KINDLING_KERNEL_DIR/config"
 

@@ -188,13 +188,20 @@ impl Config {
             if pool.memory_mib < 64 || pool.memory_mib > 64 * 1024 {
                 return Err(invalid(at("memory_mib"), "must be between 64 and 65536"));
             }
-            for (field, path) in [("kernel", &pool.kernel), ("image", &pool.image)] {
-                if !path.is_file() {
-                    return Err(invalid(
-                        at(field),
-                        format!("{} is not a file", path.display()),
-                    ));
-                }
+            if !pool.kernel.is_file() {
+                return Err(invalid(
+                    at("kernel"),
+                    format!("{} is not a file", pool.kernel.display()),
+                ));
+            }
+            if !is_file_or_block_device(&pool.image) {
+                return Err(invalid(
+                    at("image"),
+                    format!(
+                        "{} is neither a file nor a block device",
+                        pool.image.display()
+                    ),
+                ));
             }
             if pool.boot_timeout_secs == 0 || pool.boot_timeout_secs > 600 {
                 return Err(invalid(
@@ -228,6 +235,16 @@ impl Config {
 }
 
 /// Ids and labels: 1-64 characters of `[A-Za-z0-9._-]`.
+/// A guest image may be a regular file or a block device (a read-only disk
+/// holding the erofs image, as the VMM's own check accepts); symlinks are
+/// followed.
+fn is_file_or_block_device(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path)
+        .map(|m| m.is_file() || m.file_type().is_block_device())
+        .unwrap_or(false)
+}
+
 fn check_identifier(field: &str, value: &str) -> Result<(), ConfigError> {
     let ok = !value.is_empty()
         && value.len() <= 64
@@ -312,6 +329,27 @@ image = "{d}/image.erofs"
             assert_ne!(text, good, "{from}");
             let err = load(&text, dir.path()).unwrap_err().to_string();
             assert!(err.contains(field), "{from} -> {to}: {err}");
+        }
+    }
+
+    #[test]
+    fn an_image_may_be_a_block_device_but_not_another_special_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = format!("{}/image.erofs", dir.path().display());
+        let text = sample(dir.path()).replace(&image, "/dev/null");
+        let err = load(&text, dir.path()).unwrap_err().to_string();
+        assert!(err.contains("pool[0].image"), "{err}");
+        assert!(err.contains("neither a file nor a block device"), "{err}");
+        // A block device, where the machine has one (not in every container).
+        let block = std::fs::read_dir("/dev").ok().and_then(|entries| {
+            use std::os::unix::fs::FileTypeExt;
+            entries
+                .flatten()
+                .find(|e| e.file_type().is_ok_and(|t| t.is_block_device()))
+        });
+        if let Some(block) = block {
+            let text = sample(dir.path()).replace(&image, &block.path().display().to_string());
+            load(&text, dir.path()).unwrap();
         }
     }
 

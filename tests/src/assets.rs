@@ -51,3 +51,13 @@ pub fn minimal_image() -> Result<PathBuf, HarnessError> {
         None => print_path("guest-image/build.sh", &["minimal", "--print-path"]),
     }
 }
+
+/// The Debian guest image: `$KINDLING_DEBIAN_IMAGE`, or from
+/// `guest-image/build.sh debian --print-path` (builds it on a cache miss:
+/// a few minutes with access to the Debian mirror).
+pub fn debian_image() -> Result<PathBuf, HarnessError> {
+    match std::env::var_os("KINDLING_DEBIAN_IMAGE") {
+        Some(p) => Ok(PathBuf::from(p)),
+        None => print_path("guest-image/build.sh", &["debian", "--print-path"]),
+    }
+}

@@ -72,7 +72,8 @@ pub fn run(sc: &Scenario, workdir: &Path, nonce: &str) -> Result<NestedRun, Harn
         .arg(&kernel.image)
         .arg("-initrd")
         .arg(&initrd_path)
-        .args(["-append", "console=ttyS0 panic=-1 mitigations=off"])
+        .arg("-append")
+        .arg(l1_kernel_cmdline(sc))
         .arg("-serial")
         .arg(format!("file:{}", console.display()))
         .args([
@@ -306,4 +307,15 @@ poweroff -f
     s.replace("@ERROR@", &m.error)
         .replace("@READY@", &m.ready)
         .replace("@EXIT@", &m.exit)
+}
+
+/// The L1 kernel's command line: serial console, reboot on panic (QEMU runs
+/// with `-no-reboot`, so that ends the run), then the scenario's extras.
+fn l1_kernel_cmdline(sc: &Scenario) -> String {
+    let mut cmdline = String::from("console=ttyS0 panic=-1 mitigations=off");
+    for arg in &sc.l1_kernel_args {
+        cmdline.push(' ');
+        cmdline.push_str(arg);
+    }
+    cmdline
 }

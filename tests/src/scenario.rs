@@ -78,6 +78,8 @@ pub struct Scenario {
     pub mode: ModeChoice,
     /// Stream the scenario's output to stderr while it runs.
     pub echo: bool,
+    /// Extra arguments for the L1 kernel's command line (nested mode only).
+    pub l1_kernel_args: Vec<String>,
 }
 
 impl Scenario {
@@ -95,6 +97,7 @@ impl Scenario {
             workdir: None,
             mode: ModeChoice::Auto,
             echo: true,
+            l1_kernel_args: Vec::new(),
         }
     }
 }

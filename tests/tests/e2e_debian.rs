@@ -7,39 +7,14 @@
 //! Memory: the VM gets 1024 MiB (dockerd + containerd need ~150 MiB, and
 //! the overlay's tmpfs layer holds what dockerd writes); first touch of L2
 //! memory costs ~42 us a page, but only touched pages count, so a larger VM
-//! costs little boot time. The L1 gets 3072 MiB: the VM, the initramfs
-//! (debug binaries, guest kernel), the image copied to tmpfs (391 MiB) and
-//! the host agent's state.
+//! costs little boot time. The L1 gets 2048 MiB: the VM, the initramfs
+//! (debug binaries, guest kernel) and the host agent's state; the image
+//! stays on its read-only disk.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use harness::assets::guest_kernel;
+use harness::assets::{debian_image, guest_kernel};
 use harness::{Asset, Scenario, Status, workspace_binary};
-
-/// The Debian guest image: `$KINDLING_DEBIAN_IMAGE`, or from
-/// `guest-image/build.sh debian --print-path` (builds it on a cache miss,
-/// ~100 s with access to the Debian mirror).
-fn debian_image() -> PathBuf {
-    if let Some(path) = std::env::var_os("KINDLING_DEBIAN_IMAGE") {
-        return PathBuf::from(path);
-    }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-image/build.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .args(["debian", "--print-path"])
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-    assert!(
-        out.status.success(),
-        "{} debian --print-path failed ({})",
-        script.display(),
-        out.status
-    );
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-}
 
 const JOB: &str = r#"name: debian-tools
 runs-on: [linux]
@@ -70,19 +45,15 @@ steps:
 "#;
 
 #[test]
-#[ignore = "not yet run in CI: run with `cargo test -p harness --test NAME -- --ignored`"]
 fn debian_image_has_git_curl_cc_and_a_working_dockerd() {
     let dir = std::env::temp_dir().join(format!("kindling-e2e-debian-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let job_path = dir.join("job.yaml");
     std::fs::write(&job_path, JOB).unwrap();
-    // The image is a disk in the L1 (/dev/vdX), and `host-agent` accepts
-    // only regular files as images: copy it to the L1's tmpfs first.
-    let script = "t0=$(cut -d' ' -f1 /proc/uptime)\n\
-                  cat $ASSETS/debian.erofs > /tmp/debian.erofs || exit 1\n\
-                  echo \"image copied to tmpfs in $(awk -v t=$t0 '{print $1 - t}' /proc/uptime) s\"\n\
-                  host-agent run $ASSETS/job.yaml --vmm $(command -v vmm) \
-                  --kernel $ASSETS/vmlinux --image /tmp/debian.erofs \
+    // The image (391 MiB) reaches the L1 as a read-only virtio disk, and
+    // the host agent hands that block device to the VMM as it is.
+    let script = "host-agent run $ASSETS/job.yaml --vmm $(command -v vmm) \
+                  --kernel $ASSETS/vmlinux --image $ASSETS/debian.erofs \
                   --vcpus 1 --memory-mib 1024 --boot-timeout 180 \
                   --state-dir /tmp/agent-state\n\
                   rc=$?\n\
@@ -90,7 +61,7 @@ fn debian_image_has_git_curl_cc_and_a_working_dockerd() {
                   exit $rc\n";
     let mut sc = Scenario::new("debian-tools", script);
     sc.timeout = Duration::from_secs(600);
-    sc.l1_memory_mib = 3072;
+    sc.l1_memory_mib = 2048;
     sc.bins = vec![
         workspace_binary("vmm").unwrap(),
         workspace_binary("host-agent").unwrap(),
@@ -101,7 +72,7 @@ fn debian_image_has_git_curl_cc_and_a_working_dockerd() {
             name: "vmlinux".into(),
         },
         Asset {
-            host_path: debian_image(),
+            host_path: debian_image().unwrap(),
             name: "debian.erofs".into(),
         },
         Asset {

@@ -1,5 +1,4 @@
-//! End-to-end in the nested harness: a job that floods its output (200 MiB
-//! in a release build, 24 MiB in a debug build: see [`OUTPUT_BYTES`])
+//! End-to-end in the nested harness: a job that floods its output (200 MiB)
 //! completes, and memory stays bounded on both sides.
 //!
 //! The flood travels the whole production path: the step's pipe, the runner
@@ -29,19 +28,11 @@ use std::time::Duration;
 use harness::assets::{guest_kernel, minimal_image};
 use harness::{Asset, Scenario, Status, workspace_binary};
 
-/// Bytes the job writes. Throughput through the nested stack (measured):
-/// ~2 MB/s with release binaries, so 200 MiB take ~100 s; with debug
-/// binaries the host agent's JSON/base64 work limits it to 0.15-0.5 MiB/s
-/// depending on the machine's load (200 MiB would take 7-22 min), so a
-/// debug build writes 24 MiB (50-170 s), which still fills every buffer on
-/// the way many times over and exceeds the slack in the bounds below.
-/// `cargo test --release -p harness --test e2e_output` (after `cargo build
-/// --release -p vmm -p host-agent`) runs the full 200 MiB.
-const OUTPUT_BYTES: u64 = if cfg!(debug_assertions) {
-    24 << 20
-} else {
-    200 << 20
-};
+/// Bytes the job writes. Throughput through the nested stack is about
+/// 1-2 MiB/s (the TCG-emulated guest is the bottleneck; dependencies are
+/// optimized even in debug builds, see the workspace Cargo.toml), so this
+/// takes a few minutes.
+const OUTPUT_BYTES: u64 = 200 << 20;
 /// Memory of the VM, MiB.
 const VM_MEMORY_MIB: u64 = 256;
 
@@ -168,7 +159,6 @@ fn number_after(output: &str, key: &str) -> u64 {
 }
 
 #[test]
-#[ignore = "not yet run in CI: run with `cargo test -p harness --test NAME -- --ignored`"]
 fn an_output_flood_completes_with_bounded_memory_on_both_sides() {
     let dir = std::env::temp_dir().join(format!("kindling-e2e-output-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -178,7 +168,11 @@ fn an_output_flood_completes_with_bounded_memory_on_both_sides() {
         .replace("@WRAPPER@", VMM_WRAPPER)
         .replace("@MEMORY@", &VM_MEMORY_MIB.to_string());
     let mut sc = Scenario::new("output-flood", &script);
-    sc.timeout = Duration::from_secs(600);
+    sc.timeout = Duration::from_secs(900);
+    // Sustained vsock traffic under QEMU's emulated SVM has crashed L2
+    // guests (triple faults) when the L1 backs guest RAM with transparent
+    // huge pages; without them the same flood ran clean.
+    sc.l1_kernel_args = vec!["transparent_hugepage=never".into()];
     sc.bins = vec![
         workspace_binary("vmm").unwrap(),
         workspace_binary("host-agent").unwrap(),
@@ -206,11 +200,15 @@ fn an_output_flood_completes_with_bounded_memory_on_both_sides() {
     assert!(o.contains(": succeeded"), "{o}");
     assert!(o.contains("left: 0 vm dirs, 0 vmm processes"), "{o}");
 
-    // Everything arrived, or the orchestrator's cap cut it with a notice
-    // after at least 128 MiB.
+    // Everything arrived, or the orchestrator's cap (128 MiB) cut it with a
+    // notice; the chunk that would cross the cap is dropped whole, and a
+    // chunk carries at most 64 KiB.
     let bytes = number_after(o, "job stdout bytes on the host:");
     if bytes < OUTPUT_BYTES {
-        assert!(bytes >= 128 << 20, "only {bytes} bytes arrived:\n{o}");
+        assert!(
+            bytes >= (128 << 20) - (64 << 10),
+            "only {bytes} bytes arrived:\n{o}"
+        );
         assert!(o.contains("output limit of"), "cut without a notice:\n{o}");
     }
 
