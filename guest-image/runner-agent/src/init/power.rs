@@ -5,10 +5,12 @@
 //! `reboot(RB_AUTOBOOT)` is how the VM ends, whatever happened before.
 
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
 use nix::sys::reboot::{RebootMode, reboot};
 use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{Pid, sync};
 
 /// Time the remaining processes get between SIGTERM and SIGKILL.
@@ -20,12 +22,31 @@ const TERM_GRACE: Duration = Duration::from_millis(200);
 pub fn power_off() -> nix::Error {
     tracing::info!("powering off");
     // kill(-1) reaches every process but PID 1 (us) and kernel threads.
-    if kill(Pid::from_raw(-1), Signal::SIGTERM).is_ok() {
-        thread::sleep(TERM_GRACE);
+    if kill(Pid::from_raw(-1), Signal::SIGTERM).is_ok() && !all_children_gone(TERM_GRACE) {
         let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
     }
     sync();
     match reboot(RebootMode::RB_AUTOBOOT) {
         Err(errno) => errno,
+    }
+}
+
+/// Reaps children until none is left (`true`) or `grace` has passed
+/// (`false`). As PID 1 every orphan is our child, so "no children" means no
+/// user process is left. (`kill(-1)` succeeding says nothing: it also
+/// "reaches" kernel threads, which ignore it.)
+fn all_children_gone(grace: Duration) -> bool {
+    let deadline = Instant::now() + grace;
+    loop {
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Err(Errno::ECHILD) => return true,
+            Ok(WaitStatus::StillAlive) | Err(_) => {
+                if Instant::now() >= deadline {
+                    return false;
+                }
+                thread::sleep(Duration::from_millis(5));
+            }
+            Ok(_) => {} // reaped one; look for more at once
+        }
     }
 }
