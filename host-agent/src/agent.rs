@@ -14,9 +14,6 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::pool::{CycleReport, Shared, run_slot, vms_dir};
 
-/// How long running jobs may continue after a stop signal.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
-
 /// Errors that stop the agent from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {

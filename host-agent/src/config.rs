@@ -56,6 +56,10 @@ pub struct Config {
     /// Address of the Prometheus metrics endpoint, if any.
     #[serde(default)]
     pub metrics_listen: Option<String>,
+    /// On SIGTERM/SIGINT: how long running jobs may go on before their VMs
+    /// are killed (seconds, default 60). Idle VMs stop at once.
+    #[serde(default = "default_shutdown_grace_secs")]
+    pub shutdown_grace_secs: u64,
     /// How to reach the orchestrator.
     pub orchestrator: OrchestratorConfig,
     /// What the agent may use of this host, at most.
@@ -155,6 +159,12 @@ impl Config {
                 "must be at least 16 characters",
             ));
         }
+        if self.shutdown_grace_secs > 24 * 3600 {
+            return Err(invalid(
+                "shutdown_grace_secs",
+                "must be at most 86400 (a day)",
+            ));
+        }
         if let Some(addr) = &self.metrics_listen {
             addr.parse::<std::net::SocketAddr>()
                 .map_err(|e| invalid("metrics_listen", format!("{addr:?}: {e}")))?;
@@ -235,6 +245,10 @@ impl Config {
 }
 
 /// Ids and labels: 1-64 characters of `[A-Za-z0-9._-]`.
+fn default_shutdown_grace_secs() -> u64 {
+    60
+}
+
 /// A guest image may be a regular file or a block device (a read-only disk
 /// holding the erofs image, as the VMM's own check accepts); symlinks are
 /// followed.
@@ -304,6 +318,7 @@ image = "{d}/image.erofs"
         let dir = tempfile::tempdir().unwrap();
         let c = load(&sample(dir.path()), dir.path()).unwrap();
         assert_eq!(c.pools[0].boot_timeout_secs, 60);
+        assert_eq!(c.shutdown_grace_secs, 60);
         assert_eq!(c.pools[0].labels, ["linux", "x64"]);
     }
 
@@ -323,6 +338,11 @@ image = "{d}/image.erofs"
             ("http://127.0.0.1:8080", "ftp://x", "orchestrator.url"),
             ("image.erofs\"", "missing.erofs\"", "pool[0].image"),
             ("host_id = \"host-1\"", "host_id = \"\"", "host_id"),
+            (
+                "vmm = ",
+                "shutdown_grace_secs = 100000\nvmm = ",
+                "shutdown_grace_secs",
+            ),
         ];
         for (from, to, field) in cases {
             let text = good.replacen(from, to, 1);

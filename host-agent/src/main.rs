@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use host_agent::agent::{Agent, SHUTDOWN_GRACE};
+use host_agent::agent::Agent;
 use host_agent::config::Config;
 use host_agent::single_shot::{RunOptions, run};
 
@@ -127,6 +127,7 @@ async fn serve(path: PathBuf) -> i32 {
             return 2;
         }
     };
+    let grace = std::time::Duration::from_secs(config.shutdown_grace_secs);
     let agent = match Agent::start(config, false).await {
         Ok(a) => a,
         Err(e) => {
@@ -136,8 +137,8 @@ async fn serve(path: PathBuf) -> i32 {
     };
     tracing::info!("host agent running");
     orchestrator::server::termination_signal().await;
-    tracing::info!("stopping: no new jobs, {SHUTDOWN_GRACE:?} for running ones");
-    agent.shutdown(SHUTDOWN_GRACE).await;
+    tracing::info!("stopping: no new jobs, {grace:?} for running ones");
+    agent.shutdown(grace).await;
     0
 }
 

@@ -94,6 +94,7 @@ pub async fn run(opts: RunOptions) -> Result<i32, String> {
         state_dir: state_dir.clone(),
         vmm: opts.vmm.clone(),
         metrics_listen: None,
+        shutdown_grace_secs: 0,
         orchestrator: OrchestratorConfig {
             url: url.clone(),
             host_credential,

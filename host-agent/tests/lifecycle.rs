@@ -85,6 +85,7 @@ async fn world(pools: &[(&str, &[&str], u32)]) -> World {
         state_dir: state.clone(),
         vmm: fake_vmm(dir.path()),
         metrics_listen: None,
+        shutdown_grace_secs: 60,
         orchestrator: OrchestratorConfig {
             url: url.clone(),
             host_credential: HOST.into(),

@@ -123,6 +123,7 @@ host_id = "l1-host"
 state_dir = "$W/state"
 vmm = "$(command -v vmm)"
 metrics_listen = "127.0.0.1:9100"
+shutdown_grace_secs = 20
 
 [orchestrator]
 url = "http://127.0.0.1:8080"
@@ -518,6 +519,13 @@ fn two_pools_run_jobs_survive_failures_and_leave_nothing_behind() {
     // SIGTERM: the job within the grace period finishes, the other ends with
     // a reason, and nothing is left.
     check(f.get("stop", "agent_rc") == "0", "agent exit code");
+    // The configured grace (20 s) bounds the stop: the long job is cut off
+    // after it, not after the 60 s default.
+    let stop = f.seconds("stop");
+    check(
+        (18.0..50.0).contains(&stop),
+        "stop took the configured grace",
+    );
     check(
         f.get("grace", "rc") == "0",
         "job finishing within the grace",
