@@ -1,0 +1,234 @@
+//! The security suite, nested: each wall of the VMM's confinement checked
+//! from outside on real VMs (real KVM, seccomp, namespaces, cgroups) in the
+//! L1, with `host-agent run` (single-shot, embedded orchestrator).
+//!
+//! * `a_running_vmm_is_confined`: while a job runs, the scenario inspects
+//!   the VMM process from the L1: every thread in seccomp filter mode
+//!   (`Seccomp: 2`), and, with the jail, its uid/gid, namespaces, cgroup
+//!   limits, rlimits and root directory. The job handles a secret; after it,
+//!   the host agent's state directory, its log, the VMM log and the serial
+//!   capture must not contain the secret's value.
+//! * `a_forbidden_syscall_kills_the_vmm_and_the_job_says_so`: the
+//!   `vmm-test-hooks` build makes a vCPU thread issue a forbidden syscall
+//!   when the guest asks for it (after boot, mid-job); the VMM must die by
+//!   SIGSYS and the job's result must say "vmm killed by seccomp".
+//!
+//! The scenarios print `@ SUBJECT key=value` fact lines; the tests assert
+//! on them.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use harness::assets::{guest_kernel, minimal_image};
+use harness::{Asset, Scenario, Status, workspace_binary};
+
+/// A scenario with the kernel, the minimal image, `host-agent`, `vmm` and
+/// `vmm-test-hooks`, and the given job files as assets.
+fn scenario(name: &str, script: &str, jobs: &[(&str, &str)]) -> Scenario {
+    let dir = std::env::temp_dir().join(format!("kindling-sec-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut sc = Scenario::new(name, script);
+    sc.timeout = Duration::from_secs(420);
+    sc.bins = vec![
+        workspace_binary("vmm").unwrap(),
+        workspace_binary("host-agent").unwrap(),
+        // The host agent starts every VMM through it (jail on by default).
+        workspace_binary("kindling-jailer").unwrap(),
+        hooked_vmm(),
+    ];
+    sc.assets = vec![
+        Asset {
+            host_path: guest_kernel().unwrap(),
+            name: "vmlinux".into(),
+        },
+        Asset {
+            host_path: minimal_image().unwrap(),
+            name: "minimal.erofs".into(),
+        },
+    ];
+    for (file, text) in jobs {
+        let path = dir.join(file);
+        std::fs::write(&path, text).unwrap();
+        sc.assets.push(Asset {
+            host_path: path,
+            name: (*file).into(),
+        });
+    }
+    sc
+}
+
+/// The test-hooks VMM (`cargo build -p vmm --features test-hooks --bin
+/// vmm-test-hooks`; scripts/test.sh does it).
+fn hooked_vmm() -> PathBuf {
+    workspace_binary("vmm-test-hooks").unwrap_or_else(|e| {
+        panic!("{e}: build it with `cargo build -p vmm --features test-hooks --bin vmm-test-hooks`")
+    })
+}
+
+/// Shell helpers shared by the scenarios.
+const PRELUDE: &str = r#"
+set -u
+fact() { echo "@ $*"; }
+now() { cut -d' ' -f1 /proc/uptime; }
+# run_agent NAME JOB VMM [SECRET]: host-agent run in the background, output
+# to /tmp/NAME.log, state under /tmp/NAME-state.
+run_agent() {
+    host-agent run "$ASSETS/$2" --secret "TOKEN=${4:-none-given}" --vmm "$(command -v $3)" \
+        --kernel "$ASSETS/vmlinux" --image "$ASSETS/minimal.erofs" --memory-mib 256 \
+        --state-dir "/tmp/$1-state" > "/tmp/$1.log" 2>&1 &
+}
+# wait_log NAME TEXT SECONDS: waits until /tmp/NAME.log contains TEXT.
+wait_log() {
+    i=0
+    while ! grep -q "$2" "/tmp/$1.log" 2>/dev/null; do
+        i=$((i+1)); [ $i -gt $(($3 * 5)) ] && return 1; sleep 0.2
+    done
+}
+# vmm_pid: pid of the (only) process named vmm or vmm-test-hooks.
+vmm_pid() {
+    for c in /proc/[0-9]*/comm; do
+        case "$(cat $c 2>/dev/null)" in vmm|vmm-test-hook*) p=${c#/proc/}; echo ${p%/comm}; return;; esac
+    done
+}
+"#;
+
+/// Parses `@ SUBJECT k=v ...` lines into (subject, key, value) triples.
+fn facts(output: &str) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    for line in output.lines() {
+        let Some(rest) = line.trim().strip_prefix("@ ") else {
+            continue;
+        };
+        let mut words = rest.split_whitespace();
+        let Some(subject) = words.next() else {
+            continue;
+        };
+        for word in words {
+            if let Some((k, v)) = word.split_once('=') {
+                out.push((subject.to_string(), k.to_string(), v.to_string()));
+            }
+        }
+    }
+    out
+}
+
+fn fact<'a>(facts: &'a [(String, String, String)], subject: &str, key: &str) -> Option<&'a str> {
+    facts
+        .iter()
+        .find(|(s, k, _)| s == subject && k == key)
+        .map(|(_, _, v)| v.as_str())
+}
+
+const CONFINED_JOB: &str = "name: confined
+runs-on: [linux]
+steps:
+  - name: uses a secret, then waits to be inspected
+    run: |
+      echo \"token=$TOKEN\"
+      echo \"$TOKEN\" | sha256sum
+      echo job-is-running
+      sleep 25
+      echo job-done
+";
+
+const CONFINED_SCRIPT: &str = r#"
+SECRET=s3cr3t-Value-8d1f0c
+run_agent confined confined.yaml vmm "$SECRET"
+agent=$!
+wait_log confined job-is-running 240 || { cat /tmp/confined.log; fact error why=job-never-ran; exit 1; }
+pid=$(vmm_pid)
+[ -n "$pid" ] || { fact error why=no-vmm-process; exit 1; }
+fact vmm pid=$pid
+# Seccomp mode of every thread (2 = filter).
+threads=0; filtered=0
+for t in /proc/$pid/task/*; do
+    threads=$((threads+1))
+    grep -q '^Seccomp:[[:space:]]*2' $t/status && filtered=$((filtered+1))
+    echo "thread $(cat $t/comm): $(grep '^Seccomp:' $t/status)"
+done
+fact seccomp threads=$threads filtered=$filtered
+fact nnp value=$(awk '/^NoNewPrivs:/ {print $2}' /proc/$pid/status)
+# Serial capture and VMM log while the VM runs (teardown removes them).
+vmdir=$(ls -d /tmp/confined-state/vms/* | head -1)
+cp "$vmdir/serial.log" /tmp/serial-copy.log 2>/dev/null
+cp "$vmdir/vmm.log" /tmp/vmm-copy.log 2>/dev/null
+fact serial bytes=$(wc -c < /tmp/serial-copy.log)
+wait $agent; rc=$?
+fact agent rc=$rc
+# Secret hygiene: nowhere on disk the agent or the VMM wrote.
+leaks=$(grep -rl "$SECRET" /tmp/confined-state /tmp/confined.log /tmp/serial-copy.log /tmp/vmm-copy.log 2>/dev/null | wc -l)
+fact secret leaks=$leaks masked=$(grep -c 'token=\*\*\*' /tmp/confined.log)
+tail -5 /tmp/confined.log
+"#;
+
+#[test]
+fn a_running_vmm_is_confined() {
+    let script = format!("{PRELUDE}{CONFINED_SCRIPT}");
+    let out = harness::run(&scenario(
+        "sec-confined",
+        &script,
+        &[("confined.yaml", CONFINED_JOB)],
+    ))
+    .unwrap();
+    let o = &out.output;
+    assert_eq!(out.status, Status::Exited(0), "{}\n{o}", out.report());
+    let f = facts(o);
+    let threads: u32 = fact(&f, "seccomp", "threads").unwrap().parse().unwrap();
+    // main + 1 vCPU + device thread at least.
+    assert!(threads >= 3, "{o}");
+    assert_eq!(
+        fact(&f, "seccomp", "filtered"),
+        Some(&*threads.to_string()),
+        "{o}"
+    );
+    assert_eq!(fact(&f, "nnp", "value"), Some("1"), "{o}");
+    assert_eq!(fact(&f, "agent", "rc"), Some("0"), "{o}");
+    assert_ne!(
+        fact(&f, "serial", "bytes"),
+        Some("0"),
+        "no serial capture to check:\n{o}"
+    );
+    assert_eq!(fact(&f, "secret", "leaks"), Some("0"), "{o}");
+    assert_eq!(fact(&f, "secret", "masked"), Some("1"), "{o}");
+}
+
+const HOOK_JOB: &str = "name: escape-attempt
+runs-on: [linux]
+steps:
+  - name: asks the hooked VMM for a forbidden syscall
+    run: |
+      echo before-the-attempt
+      printf '\\134' | dd of=/dev/port bs=1 seek=1088 count=1
+      sleep 30
+      echo still-alive
+";
+
+const HOOK_SCRIPT: &str = r#"
+run_agent hook hook.yaml vmm-test-hooks
+agent=$!
+wait $agent; rc=$?
+fact agent rc=$rc
+cat /tmp/hook.log
+grep -q 'vmm killed by seccomp' /tmp/hook.log && fact reason seccomp=1
+grep -q 'SIGSYS' /tmp/hook.log && fact reason sigsys=1
+grep -q 'still-alive' /tmp/hook.log && fact job survived=1
+vmms=0; for c in /proc/[0-9]*/comm; do case "$(cat $c 2>/dev/null)" in vmm*) vmms=$((vmms+1));; esac; done
+fact left vmms=$vmms dirs=$(ls /tmp/hook-state/vms | wc -l)
+"#;
+
+#[test]
+fn a_forbidden_syscall_kills_the_vmm_and_the_job_says_so() {
+    let script = format!("{PRELUDE}{HOOK_SCRIPT}");
+    let out = harness::run(&scenario("sec-hook", &script, &[("hook.yaml", HOOK_JOB)])).unwrap();
+    let o = &out.output;
+    assert_eq!(out.status, Status::Exited(0), "{}\n{o}", out.report());
+    let f = facts(o);
+    assert!(o.contains("before-the-attempt"), "the job never ran:\n{o}");
+    assert_eq!(fact(&f, "job", "survived"), None, "the VMM survived:\n{o}");
+    assert_eq!(fact(&f, "reason", "seccomp"), Some("1"), "{o}");
+    assert_eq!(fact(&f, "reason", "sigsys"), Some("1"), "{o}");
+    // `host-agent run` exits 2 for infrastructure errors.
+    assert_eq!(fact(&f, "agent", "rc"), Some("2"), "{o}");
+    assert_eq!(fact(&f, "left", "vmms"), Some("0"), "{o}");
+    assert_eq!(fact(&f, "left", "dirs"), Some("0"), "{o}");
+}
