@@ -148,6 +148,20 @@ for t in /proc/$pid/task/*; do
 done
 fact seccomp threads=$threads filtered=$filtered
 fact nnp value=$(awk '/^NoNewPrivs:/ {print $2}' /proc/$pid/status)
+# Jail: ids, capabilities, namespaces, cgroup limits, rlimits, root.
+fact ids uid=$(awk '/^Uid:/ {print $2}' /proc/$pid/status) gid=$(awk '/^Gid:/ {print $2}' /proc/$pid/status) capeff=$(awk '/^CapEff:/ {print $2}' /proc/$pid/status) nspid=$(awk '/^NSpid:/ {print $NF}' /proc/$pid/status)
+for n in mnt pid ipc; do
+    [ "$(readlink /proc/$pid/ns/$n)" != "$(readlink /proc/$agent/ns/$n)" ] && fact ns $n=own || fact ns $n=shared
+done
+cg=/sys/fs/cgroup$(sed -n 's/^0:://p' /proc/$pid/cgroup)
+echo "cgroup $cg"
+fact cgroup named=$(basename $(dirname $cg)) memory=$(cat $cg/memory.max) pids=$(cat $cg/pids.max) cpu=$(cut -d' ' -f1 $cg/cpu.max)
+fact rlimit core=$(awk '/core file size/ {print $5}' /proc/$pid/limits) nofile=$(awk '/open files/ {print $4}' /proc/$pid/limits)
+echo "jail root:"; ls -la /proc/$pid/root/
+[ -e /proc/$pid/root/etc ] && fact root etc=visible || fact root etc=absent
+[ -e /proc/$pid/root/proc ] && fact root proc=visible || fact root proc=absent
+[ -e /proc/$pid/root/bin ] && fact root bin=visible || fact root bin=absent
+fact root entries=$(ls /proc/$pid/root/ | wc -l) vmdirs=$(ls /proc/$pid/root/tmp/confined-state/vms | wc -l) assets=$(ls /proc/$pid/root$ASSETS | wc -l)
 # Serial capture and VMM log while the VM runs (teardown removes them).
 vmdir=$(ls -d /tmp/confined-state/vms/* | head -1)
 cp "$vmdir/serial.log" /tmp/serial-copy.log 2>/dev/null
@@ -182,6 +196,34 @@ fn a_running_vmm_is_confined() {
         "{o}"
     );
     assert_eq!(fact(&f, "nnp", "value"), Some("1"), "{o}");
+    // Jail: own unprivileged ids from the configured range, no capabilities,
+    // PID 1 of its own PID namespace.
+    let uid: u32 = fact(&f, "ids", "uid").unwrap().parse().unwrap();
+    assert!(uid >= 900_000, "{o}");
+    assert_eq!(fact(&f, "ids", "gid"), Some(&*uid.to_string()), "{o}");
+    assert_eq!(fact(&f, "ids", "capeff"), Some("0000000000000000"), "{o}");
+    assert_eq!(fact(&f, "ids", "nspid"), Some("1"), "{o}");
+    for ns in ["mnt", "pid", "ipc"] {
+        assert_eq!(fact(&f, "ns", ns), Some("own"), "{ns}: {o}");
+    }
+    // cgroup: 256 MiB guest + 64 MiB overhead, 64 pids, 1 vCPU of CPU.
+    assert_eq!(fact(&f, "cgroup", "named"), Some("kindling"), "{o}");
+    assert_eq!(
+        fact(&f, "cgroup", "memory"),
+        Some(&*((256u64 + 64) << 20).to_string()),
+        "{o}"
+    );
+    assert_eq!(fact(&f, "cgroup", "pids"), Some("64"), "{o}");
+    assert_eq!(fact(&f, "cgroup", "cpu"), Some("100000"), "{o}");
+    assert_eq!(fact(&f, "rlimit", "core"), Some("0"), "{o}");
+    assert_eq!(fact(&f, "rlimit", "nofile"), Some("1024"), "{o}");
+    // Its root holds only what it needs: no /etc, /proc, /bin; one VM dir;
+    // of the assets only the kernel and the image.
+    assert_eq!(fact(&f, "root", "etc"), Some("absent"), "{o}");
+    assert_eq!(fact(&f, "root", "proc"), Some("absent"), "{o}");
+    assert_eq!(fact(&f, "root", "bin"), Some("absent"), "{o}");
+    assert_eq!(fact(&f, "root", "vmdirs"), Some("1"), "{o}");
+    assert_eq!(fact(&f, "root", "assets"), Some("2"), "{o}");
     assert_eq!(fact(&f, "agent", "rc"), Some("0"), "{o}");
     assert_ne!(
         fact(&f, "serial", "bytes"),
