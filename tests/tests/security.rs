@@ -274,3 +274,164 @@ fn a_forbidden_syscall_kills_the_vmm_and_the_job_says_so() {
     assert_eq!(fact(&f, "left", "vmms"), Some("0"), "{o}");
     assert_eq!(fact(&f, "left", "dirs"), Some("0"), "{o}");
 }
+
+/// The daemon (orchestrator + host agent with a "quiet" and a "noisy" pool,
+/// one VM each): the quiet job alone, then again while the noisy VM runs a
+/// fork bomb, a disk filler, a CPU spinner, a log flood and a serial flood.
+const NOISY_SCRIPT: &str = r#"
+HC=host-credential-0123456789abcdef
+CC=client-credential-0123456789abcdef
+export KINDLING_SERVER=http://127.0.0.1:8080 KINDLING_CLIENT_CREDENTIAL=$CC
+W=/tmp/noisy
+mkdir -p $W/jobs && cd $W || exit 1
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
+wait_for() {
+    limit=$1; shift; start=$(now)
+    while ! "$@"; do
+        [ "$(awk -v a="$start" -v b="$(now)" -v l="$limit" 'BEGIN { print (b - a >= l) }')" = 1 ] && return 1
+        sleep 0.3
+    done
+}
+agent_metrics() { timeout 10 wget -q -O - http://127.0.0.1:9100/metrics 2>/dev/null; }
+idle() { agent_metrics | grep -q "kindling_host_agent_vms{pool=\"$1\",state=\"idle\"} 1"; }
+submit() {
+    name=$1
+    ( orchestrator submit $W/jobs/$name.yaml --follow > $W/jobs/$name.out 2> $W/jobs/$name.err
+      echo $? > $W/jobs/$name.rc ) &
+}
+ended() { [ -s $W/jobs/$1.rc ]; }
+dump() { echo "--- agent log"; tail -30 $W/agent.log; echo "--- orchestrator log"; tail -10 $W/orch.log; }
+die() { echo "FATAL: $*"; dump; exit 1; }
+
+cat > $W/agent.toml <<END_OF_CONFIG
+host_id = "l1-host"
+state_dir = "$W/state"
+vmm = "$(command -v vmm)"
+metrics_listen = "127.0.0.1:9100"
+
+[orchestrator]
+url = "http://127.0.0.1:8080"
+host_credential = "$HC"
+
+[limits]
+vcpus = 2
+memory_mib = 512
+
+[[pool]]
+name = "quiet"
+labels = ["linux", "quiet"]
+size = 1
+vcpus = 1
+memory_mib = 192
+kernel = "$ASSETS/vmlinux"
+image = "$ASSETS/minimal.erofs"
+
+[[pool]]
+name = "noisy"
+labels = ["linux", "noisy"]
+size = 1
+vcpus = 1
+memory_mib = 192
+kernel = "$ASSETS/vmlinux"
+image = "$ASSETS/minimal.erofs"
+END_OF_CONFIG
+orchestrator serve --listen 127.0.0.1:8080 --archive $W/archive \
+    --host-credential $HC --client-credential $CC > $W/orch.log 2>&1 &
+RUST_LOG=info host-agent serve --config $W/agent.toml > $W/agent.log 2>&1 &
+both_idle() { idle quiet && idle noisy; }
+wait_for 180 both_idle || die "pools never became idle"
+
+for n in 1 2; do
+cat > $W/jobs/quiet$n.yaml <<'END_OF_JOB'
+name: quiet
+runs-on: [linux, quiet]
+steps:
+  - name: fixed work
+    run: |
+      t0=$(cut -d' ' -f1 /proc/uptime)
+      i=0; while [ $i -lt 30000 ]; do i=$((i+1)); done
+      dd if=/dev/zero of=/tmp/q bs=1M count=16 2>/dev/null; rm -f /tmp/q
+      for n in $(seq 1 300); do echo "quiet line $n"; done
+      t1=$(cut -d' ' -f1 /proc/uptime)
+      echo "guest-seconds $(awk -v a=$t0 -v b=$t1 'BEGIN { printf "%.2f", b - a }')"
+END_OF_JOB
+done
+cat > $W/jobs/noisy.yaml <<'END_OF_JOB'
+name: noisy
+runs-on: [linux, noisy]
+steps:
+  - name: abuse
+    timeout-minutes: 4
+    run: |
+      echo noise-started
+      yes serial-flood-serial-flood > /dev/console 2>/dev/null &
+      yes log-flood-log-flood-log-flood &
+      dd if=/dev/zero of=/fill bs=1M 2>/dev/null &
+      ( while :; do :; done ) &
+      bomb() { bomb | bomb & }
+      ( sleep 5; bomb ) &
+      sleep 200
+END_OF_JOB
+
+# 1. solo
+T=$(now); submit quiet1
+wait_for 240 ended quiet1 || die "the solo quiet job did not end"
+fact solo seconds=$(since $T) rc=$(cat $W/jobs/quiet1.rc) guest=$(sed -n 's/^guest-seconds //p' $W/jobs/quiet1.out)
+wait_for 180 idle quiet || die "no new quiet VM"
+
+# 2. with a noisy neighbour
+submit noisy
+noise() { grep -q noise-started $W/jobs/noisy.out 2>/dev/null; }
+wait_for 240 noise || die "the noisy job never started"
+sleep 15
+worst=0
+T=$(now); submit quiet2
+while ! ended quiet2; do
+    m0=$(now)
+    agent_metrics | grep -q '^kindling_host_agent' || fact metrics answered=no
+    m=$(since $m0)
+    worst=$(awk -v a=$worst -v b=$m 'BEGIN { print (b > a) ? b : a }')
+    sleep 1
+    [ "$(awk -v a="$T" -v b="$(now)" 'BEGIN { print (b - a >= 300) }')" = 1 ] && die "quiet job under noise did not end"
+done
+fact noisy seconds=$(since $T) rc=$(cat $W/jobs/quiet2.rc) guest=$(sed -n 's/^guest-seconds //p' $W/jobs/quiet2.out)
+fact metrics worst_seconds=$worst
+ended noisy && fact neighbour still_running=0 || fact neighbour still_running=1
+agent_metrics | grep -q '^kindling_host_agent' && fact agent alive=1
+tail -3 $W/jobs/noisy.err
+dump
+"#;
+
+#[test]
+fn a_noisy_neighbour_does_not_slow_another_vm_beyond_twice_its_solo_time() {
+    let script = format!("{PRELUDE}{NOISY_SCRIPT}");
+    let mut sc = scenario("sec-noisy", &script, &[]);
+    sc.bins.push(workspace_binary("orchestrator").unwrap());
+    sc.timeout = Duration::from_secs(900);
+    let out = harness::run(&sc).unwrap();
+    let o = &out.output;
+    assert_eq!(out.status, Status::Exited(0), "{}\n{o}", out.report());
+    let f = facts(o);
+    let secs = |subject| -> f64 {
+        fact(&f, subject, "seconds")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {subject} time:\n{o}"))
+    };
+    assert_eq!(fact(&f, "solo", "rc"), Some("0"), "{o}");
+    assert_eq!(fact(&f, "noisy", "rc"), Some("0"), "{o}");
+    // The noise must still be there when the quiet job ends, or the timing
+    // proves nothing.
+    assert_eq!(fact(&f, "neighbour", "still_running"), Some("1"), "{o}");
+    let (solo, noisy) = (secs("solo"), secs("noisy"));
+    assert!(
+        noisy <= 2.0 * solo,
+        "solo {solo} s, with a noisy neighbour {noisy} s:\n{o}"
+    );
+    assert_eq!(fact(&f, "metrics", "answered"), None, "{o}");
+    let worst: f64 = fact(&f, "metrics", "worst_seconds")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(worst < 5.0, "metrics took {worst} s:\n{o}");
+    assert_eq!(fact(&f, "agent", "alive"), Some("1"), "{o}");
+}

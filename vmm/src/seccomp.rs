@@ -172,6 +172,18 @@ fn common() -> Result<Rules, seccompiler::BackendError> {
         libc::SYS_gettid,
         libc::SYS_getpid,
     ]);
+    // Read-only opens (no O_CREAT, no write access): the main thread reads
+    // /proc/self/smaps; glibc opens files read-only behind some calls (seen
+    // on the device thread during virtio-net traffic in the nested test).
+    // Inside the jail only the VM's own files, the kernel, the image and
+    // the VMM's libraries exist; writing or creating files stays fatal.
+    let read_only = SeccompRule::new(vec![SeccompCondition::new(
+        2,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::MaskedEq((libc::O_ACCMODE | libc::O_CREAT) as u64),
+        0,
+    )?])?;
+    rules.push((libc::SYS_openat, vec![read_only]));
     rules.extend(allow_arg_in(
         libc::SYS_fcntl,
         1,
@@ -272,20 +284,12 @@ fn main_thread() -> Result<Rules, seccompiler::BackendError> {
         // Removing the vsock socket file at teardown.
         libc::SYS_unlink,
         libc::SYS_unlinkat,
-        // Reading /proc/self/smaps (size, then content).
+        // Reading /proc/self/smaps (size, then content; openat in common).
         libc::SYS_statx,
         libc::SYS_fstat,
         libc::SYS_newfstatat,
         libc::SYS_lseek,
     ]));
-    // Files may be opened read-only only (no O_CREAT, no write access).
-    let read_only = SeccompRule::new(vec![SeccompCondition::new(
-        2,
-        SeccompCmpArgLen::Dword,
-        SeccompCmpOp::MaskedEq((libc::O_ACCMODE | libc::O_CREAT) as u64),
-        0,
-    )?])?;
-    rules.push((libc::SYS_openat, vec![read_only]));
     Ok(rules)
 }
 
