@@ -173,8 +173,10 @@ fn common() -> Result<Rules, seccompiler::BackendError> {
         libc::SYS_getpid,
     ]);
     // Read-only opens (no O_CREAT, no write access): the main thread reads
-    // /proc/self/smaps; glibc opens files read-only behind some calls (seen
-    // on the device thread during virtio-net traffic in the nested test).
+    // /proc/self/smaps, and glibc's free() opens
+    // /proc/sys/vm/overcommit_memory the first time it shrinks a thread's
+    // heap (check_may_shrink_heap; found with `strace -f -k` in the nested
+    // test, where the device thread died of it during virtio-net traffic).
     // Inside the jail only the VM's own files, the kernel, the image and
     // the VMM's libraries exist; writing or creating files stays fatal.
     let read_only = SeccompRule::new(vec![SeccompCondition::new(
