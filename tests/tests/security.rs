@@ -337,7 +337,18 @@ image = "$ASSETS/minimal.erofs"
 END_OF_CONFIG
 orchestrator serve --listen 127.0.0.1:8080 --archive $W/archive \
     --host-credential $HC --client-credential $CC > $W/orch.log 2>&1 &
+ORCH=$!
 RUST_LOG=info host-agent serve --config $W/agent.toml > $W/agent.log 2>&1 &
+AGENT=$!
+# CPU time (clock ticks) of a process, and of the VMM in cgroup kindling/$1-*.
+ticks() { awk '{print $14 + $15}' /proc/$1/stat 2>/dev/null || echo 0; }
+vmm_in() {
+    for c in /proc/[0-9]*/comm; do
+        [ "$(cat $c 2>/dev/null)" = vmm ] || continue
+        p=${c#/proc/}; p=${p%/comm}
+        grep -q "kindling/$1-" /proc/$p/cgroup 2>/dev/null && { echo $p; return; }
+    done
+}
 both_idle() { idle quiet && idle noisy; }
 wait_for 180 both_idle || die "pools never became idle"
 
@@ -385,6 +396,8 @@ noise() { grep -q noise-started $W/jobs/noisy.out 2>/dev/null; }
 wait_for 240 noise || die "the noisy job never started"
 sleep 15
 worst=0
+NOISY_VMM=$(vmm_in noisy)
+a0=$(ticks $AGENT); o0=$(ticks $ORCH); n0=$(ticks $NOISY_VMM)
 T=$(now); submit quiet2
 while ! ended quiet2; do
     m0=$(now)
@@ -396,6 +409,7 @@ while ! ended quiet2; do
 done
 fact noisy seconds=$(since $T) rc=$(cat $W/jobs/quiet2.rc) guest=$(sed -n 's/^guest-seconds //p' $W/jobs/quiet2.out)
 fact metrics worst_seconds=$worst
+fact cpu_ticks agent=$(( $(ticks $AGENT) - a0 )) orchestrator=$(( $(ticks $ORCH) - o0 )) noisy_vmm=$(( $(ticks $NOISY_VMM) - n0 )) hz=100
 ended noisy && fact neighbour still_running=0 || fact neighbour still_running=1
 agent_metrics | grep -q '^kindling_host_agent' && fact agent alive=1
 tail -3 $W/jobs/noisy.err
