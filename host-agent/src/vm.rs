@@ -228,10 +228,11 @@ impl RunningVm {
             let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
         }
         let _ = self.child.kill().await;
-        if let Some(jail) = &self.spec.jail {
+        if let Some(jail) = self.spec.jail.clone() {
             // The jailer removes it when it outlives the VMM; after SIGKILL
-            // of the whole group it cannot.
-            jail.remove_cgroup();
+            // of the whole group it cannot. Removal retries while the last
+            // processes finish exiting: off the async workers.
+            let _ = tokio::task::spawn_blocking(move || jail.remove_cgroup()).await;
         }
         let _ = std::fs::remove_dir_all(&self.dir);
         t.elapsed()

@@ -397,6 +397,8 @@ wait_for 240 noise || die "the noisy job never started"
 sleep 15
 worst=0
 NOISY_VMM=$(vmm_in noisy)
+# Two VMs run: each jail shows only its own VM directory.
+fact isolation vms=$(ls $W/state/vms | wc -l) noisy_sees=$(ls /proc/$NOISY_VMM/root$W/state/vms | wc -l) quiet_sees=$(ls /proc/$(vmm_in quiet)/root$W/state/vms | wc -l)
 a0=$(ticks $AGENT); o0=$(ticks $ORCH); n0=$(ticks $NOISY_VMM)
 T=$(now); submit quiet2
 while ! ended quiet2; do
@@ -448,4 +450,7 @@ fn a_noisy_neighbour_does_not_slow_another_vm_beyond_twice_its_solo_time() {
         .unwrap();
     assert!(worst < 5.0, "metrics took {worst} s:\n{o}");
     assert_eq!(fact(&f, "agent", "alive"), Some("1"), "{o}");
+    assert_eq!(fact(&f, "isolation", "vms"), Some("2"), "{o}");
+    assert_eq!(fact(&f, "isolation", "noisy_sees"), Some("1"), "{o}");
+    assert_eq!(fact(&f, "isolation", "quiet_sees"), Some("1"), "{o}");
 }
