@@ -92,7 +92,7 @@ say "running $runs round(s) in the harness"
 set +e
 "$bin/harness" run --name bench-agent --timeout $((300 + runs * 240)) --memory 3072 \
     --workdir "$work/harness" \
-    --bin "$bin/vmm" --bin "$bin/host-agent" --bin "$bin/examples/fake-host" \
+    --bin "$bin/vmm" --bin "$bin/host-agent" --bin "$bin/kindling-jailer" --bin "$bin/examples/fake-host" \
     --asset "$kernel=vmlinux" --asset "$work/bare.erofs=bare.erofs" \
     --asset "$minimal=minimal.erofs" --asset "$debian=debian.erofs" \
     --asset "$work/job.yaml=job.yaml" --script "$work/scenario.sh"

@@ -44,6 +44,6 @@ say "pool benchmark: $samples warm samples, $jobs jobs, pool of $pool_size x $me
 # L1: 2 vCPUs; memory for the pool's guests plus the L1's own processes.
 "$bin/harness" run --name bench-pool --timeout 900 \
     --memory $((1024 + pool_size * memory_mib)) \
-    --bin "$bin/vmm" --bin "$bin/host-agent" --bin "$bin/orchestrator" \
+    --bin "$bin/vmm" --bin "$bin/host-agent" --bin "$bin/kindling-jailer" --bin "$bin/orchestrator" \
     --asset "$kernel=vmlinux" --asset "$image=minimal.erofs" \
     --script "$scenario"

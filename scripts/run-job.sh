@@ -33,7 +33,7 @@ say "running $(basename "$job") in a fresh microVM"
 t0=$(now)
 set +e
 "$bin/harness" run --name main-job --timeout 600 \
-    --bin "$bin/vmm" --bin "$bin/host-agent" \
+    --bin "$bin/vmm" --bin "$bin/host-agent" --bin "$bin/kindling-jailer" \
     --asset "$kernel=vmlinux" --asset "$image=minimal.erofs" --asset "$job=job.yaml" \
     --script "$repo_root/scripts/scenarios/main-job.sh"
 rc=$?

@@ -54,7 +54,7 @@ impl Agent {
             path: config.state_dir.clone(),
             source,
         };
-        let cleaned = remove_leftovers(&vms, &config.vmm).map_err(state_err)?;
+        let cleaned = remove_leftovers(&vms, &config.vmm, jail_of(&config)).map_err(state_err)?;
         if cleaned.dirs > 0 {
             tracing::warn!(
                 processes = cleaned.processes,
@@ -112,7 +112,7 @@ impl Agent {
         }
         // Slots cut short by the grace period left their VMs registered.
         let config = &self.shared.config;
-        match remove_leftovers(&vms_dir(config), &config.vmm) {
+        match remove_leftovers(&vms_dir(config), &config.vmm, jail_of(config)) {
             Ok(cleaned) => deregister_leftovers(&self.shared.client, config, &cleaned.vm_ids).await,
             Err(e) => tracing::warn!("final clean-up failed: {e}"),
         }
@@ -163,4 +163,9 @@ async fn serve_metrics(addr: &str, metrics: Arc<Metrics>) -> Result<(), AgentErr
         }
     });
     Ok(())
+}
+
+/// The jail settings, when VMMs are jailed.
+fn jail_of(config: &Config) -> Option<&crate::jail::JailConfig> {
+    config.jail.enabled.then_some(&config.jail)
 }

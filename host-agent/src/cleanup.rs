@@ -40,21 +40,32 @@ fn recorded_vm_id(dir: &Path) -> Option<String> {
     plausible.then(|| id.to_string())
 }
 
-/// Kills leftover VMMs and removes every directory under `vms_dir`.
-pub fn remove_leftovers(vms_dir: &Path, vmm: &Path) -> std::io::Result<Cleaned> {
+/// Kills leftover VMMs and removes every directory under `vms_dir`. A
+/// `vmm.pid` may name the VMM itself or, with the jail, `kindling-jailer`
+/// (whose process group holds the VMM); with `jail`, each leftover VM's
+/// cgroup is removed too.
+pub fn remove_leftovers(
+    vms_dir: &Path,
+    vmm: &Path,
+    jail: Option<&crate::jail::JailConfig>,
+) -> std::io::Result<Cleaned> {
     let mut cleaned = Cleaned::default();
     let entries = match std::fs::read_dir(vms_dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(cleaned),
         Err(e) => return Err(e),
     };
-    let vmm = std::fs::canonicalize(vmm).unwrap_or_else(|_| vmm.to_path_buf());
+    let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let mut binaries = vec![canonical(vmm)];
+    if let Some(jail) = jail {
+        binaries.push(canonical(&jail.jailer_path()));
+    }
     for entry in entries {
         let dir = entry?.path();
         if let Some(pid) = std::fs::read_to_string(dir.join("vmm.pid"))
             .ok()
             .and_then(|s| s.trim().parse::<i32>().ok())
-            && runs(pid, &vmm)
+            && binaries.iter().any(|b| runs(pid, b))
         {
             let pid = nix::unistd::Pid::from_raw(pid);
             let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
@@ -63,6 +74,9 @@ pub fn remove_leftovers(vms_dir: &Path, vmm: &Path) -> std::io::Result<Cleaned> 
         }
         if let Some(id) = recorded_vm_id(&dir) {
             cleaned.vm_ids.push(id);
+        }
+        if let (Some(jail), Some(name)) = (jail, dir.file_name()) {
+            crate::jail::jailer::remove_cgroup(&jail.cgroup_parent.join(name));
         }
         if dir.is_dir() {
             std::fs::remove_dir_all(&dir)?;
@@ -102,7 +116,7 @@ mod tests {
         std::fs::write(vms.join("pool-1-b/vmm.pid"), std::process::id().to_string()).unwrap();
         // An id that is not one is ignored.
         record_vm_id(&vms.join("pool-1-b"), "vm/../x y").unwrap();
-        let cleaned = remove_leftovers(&vms, &sleep).unwrap();
+        let cleaned = remove_leftovers(&vms, &sleep, None).unwrap();
         assert_eq!(
             cleaned,
             Cleaned {
@@ -115,7 +129,7 @@ mod tests {
         assert!(!status.success(), "the leftover VMM was not killed");
         assert_eq!(std::fs::read_dir(&vms).unwrap().count(), 0);
         assert_eq!(
-            remove_leftovers(&dir.path().join("none"), &sleep).unwrap(),
+            remove_leftovers(&dir.path().join("none"), &sleep, None).unwrap(),
             Cleaned::default()
         );
     }

@@ -67,6 +67,9 @@ pub struct Config {
     /// The VM pools.
     #[serde(rename = "pool")]
     pub pools: Vec<PoolConfig>,
+    /// How VMMs are jailed (`[jail]`; on by default).
+    #[serde(default)]
+    pub jail: crate::jail::JailConfig,
 }
 
 /// The orchestrator endpoint and this host's credential.
@@ -137,6 +140,9 @@ impl Config {
     /// Checks every field; the first problem found is returned.
     pub fn validate(&self) -> Result<(), ConfigError> {
         check_identifier("host_id", &self.host_id)?;
+        self.jail
+            .validate()
+            .map_err(|e| invalid("jail", e.to_string()))?;
         if !self.state_dir.is_absolute() {
             return Err(invalid("state_dir", "must be an absolute path"));
         }

@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod cleanup;
 pub mod config;
+pub mod jail;
 pub mod metrics;
 pub mod pool;
 pub mod relay;

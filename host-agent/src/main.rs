@@ -54,6 +54,10 @@ enum Cmd {
         /// Seconds to wait for the guest's Hello.
         #[arg(long, default_value_t = 60)]
         boot_timeout: u64,
+        /// Start the VMM directly instead of through `kindling-jailer`
+        /// (debugging only: no uid, namespace, cgroup or chroot confinement).
+        #[arg(long)]
+        no_jail: bool,
     },
 }
 
@@ -87,6 +91,7 @@ fn main() -> ExitCode {
                 memory_mib,
                 state_dir,
                 boot_timeout,
+                no_jail,
             } => {
                 let secrets = match parse_secrets(&secrets) {
                     Ok(s) => s,
@@ -105,6 +110,7 @@ fn main() -> ExitCode {
                     memory_mib,
                     state_dir,
                     boot_timeout_secs: boot_timeout,
+                    jail: !no_jail,
                 };
                 match run(opts).await {
                     Ok(code) => code,

@@ -163,6 +163,7 @@ async fn cycle(shared: &Shared, pool: &PoolConfig, slot: u32) -> CycleReport {
         }
     };
     report.vm_name = format!("{}-{slot}-{}", pool.name, short(&vm_id.0));
+    let cid = shared.cid();
     let spec = VmSpec {
         name: report.vm_name.clone(),
         vcpus: pool.vcpus,
@@ -172,7 +173,13 @@ async fn cycle(shared: &Shared, pool: &PoolConfig, slot: u32) -> CycleReport {
         cmdline: format!("{BASE_CMDLINE} {}", pool.cmdline_extra)
             .trim()
             .to_string(),
-        cid: shared.cid(),
+        cid,
+        jail: shared.config.jail.enabled.then(|| {
+            shared
+                .config
+                .jail
+                .for_vm(&report.vm_name, cid, pool.vcpus, pool.memory_mib)
+        }),
     };
     let metrics = &shared.metrics;
     metrics.vm_state(&pool.name, "booting", 1);

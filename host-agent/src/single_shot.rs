@@ -45,6 +45,8 @@ pub struct RunOptions {
     pub state_dir: Option<PathBuf>,
     /// Seconds to wait for the runner agent's Hello.
     pub boot_timeout_secs: u64,
+    /// Start the VMM through the jailer (on unless `--no-jail`).
+    pub jail: bool,
 }
 
 /// Runs the job; returns the process exit code (0 succeeded, 1 failed, 2 other).
@@ -114,6 +116,10 @@ pub async fn run(opts: RunOptions) -> Result<i32, String> {
             cmdline_extra: String::new(),
             boot_timeout_secs: opts.boot_timeout_secs,
         }],
+        jail: crate::jail::JailConfig {
+            enabled: opts.jail,
+            ..crate::jail::JailConfig::default()
+        },
     };
     config.validate().map_err(|e| e.to_string())?;
     let setup = t0.elapsed();

@@ -20,6 +20,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::process::{Child, Command};
 
+use crate::jail::JailSpec;
+
 /// Errors running a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -91,6 +93,8 @@ pub struct VmSpec {
     pub cmdline: String,
     /// Guest vsock CID.
     pub cid: u32,
+    /// The jail the VMM runs in (`None`: started directly, unconfined).
+    pub jail: Option<JailSpec>,
 }
 
 /// The base kernel command line of every VM: serial console, reset through
@@ -126,23 +130,34 @@ impl RunningVm {
             .map_err(prep("binding the runner-agent socket"))?;
         let log = std::fs::File::create(dir.join("vmm.log")).map_err(prep("creating vmm.log"))?;
         let log2 = log.try_clone().map_err(prep("creating vmm.log"))?;
-        let mut cmd = Command::new(vmm);
-        cmd.arg("--kernel")
-            .arg(&spec.kernel)
-            .arg("--cmdline")
-            .arg(&spec.cmdline)
-            .arg("--vcpus")
-            .arg(spec.vcpus.to_string())
-            .arg("--memory-mib")
-            .arg(spec.memory_mib.to_string())
-            .arg("--drive")
-            .arg(format!("path={},ro", spec.image.display()))
-            .arg("--vsock")
-            .arg(format!("cid={},uds={}", spec.cid, uds.display()))
-            .arg("--rng")
-            .arg("--serial")
-            .arg(format!("file:{}", dir.join("serial.log").display()))
-            .arg("--boot-timer")
+        let args: Vec<std::ffi::OsString> = vec![
+            "--kernel".into(),
+            spec.kernel.clone().into(),
+            "--cmdline".into(),
+            spec.cmdline.clone().into(),
+            "--vcpus".into(),
+            spec.vcpus.to_string().into(),
+            "--memory-mib".into(),
+            spec.memory_mib.to_string().into(),
+            "--drive".into(),
+            format!("path={},ro", spec.image.display()).into(),
+            "--vsock".into(),
+            format!("cid={},uds={}", spec.cid, uds.display()).into(),
+            "--rng".into(),
+            "--serial".into(),
+            format!("file:{}", dir.join("serial.log").display()).into(),
+            "--boot-timer".into(),
+        ];
+        let (program, args) = match &spec.jail {
+            Some(jail) => {
+                let sockets = [host_listener_path(&uds, RUNNER_AGENT_PORT)];
+                jailed_command(jail, state_dir, vmm, &spec, &dir, &sockets, &args)
+                    .map_err(|e| prep("preparing the jail")(std::io::Error::other(e)))?
+            }
+            None => (vmm.to_path_buf(), args),
+        };
+        let mut cmd = Command::new(&program);
+        cmd.args(&args)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
@@ -150,7 +165,7 @@ impl RunningVm {
             .kill_on_drop(true);
         let started = Instant::now();
         let child = cmd.spawn().map_err(|source| VmError::Spawn {
-            vmm: vmm.to_path_buf(),
+            vmm: program.clone(),
             source,
         })?;
         if let Some(pid) = child.id() {
@@ -178,7 +193,7 @@ impl RunningVm {
                 Err(_) => Err(VmError::BootTimeout(timeout)),
             },
             status = self.child.wait() => Err(VmError::ExitedBeforeHello {
-                status: status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()),
+                status: status.map(|s| describe_exit(&s)).unwrap_or_else(|e| e.to_string()),
                 detail: self.log_tail(),
             }),
         }
@@ -187,7 +202,7 @@ impl RunningVm {
     /// Resolves when the VMM process exits, with its status as text.
     pub async fn exited(&mut self) -> String {
         match self.child.wait().await {
-            Ok(s) => s.to_string(),
+            Ok(s) => describe_exit(&s),
             Err(e) => format!("unknown status ({e})"),
         }
     }
@@ -213,8 +228,58 @@ impl RunningVm {
             let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
         }
         let _ = self.child.kill().await;
+        if let Some(jail) = self.spec.jail.clone() {
+            // The jailer removes it when it outlives the VMM; after SIGKILL
+            // of the whole group it cannot. Removal retries while the last
+            // processes finish exiting: off the async workers.
+            let _ = tokio::task::spawn_blocking(move || jail.remove_cgroup()).await;
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
         t.elapsed()
+    }
+}
+
+/// Turns the VMM command into the jailer command for `spec`'s jail: the
+/// VM directory and its bound sockets go to the VM's uid, the kernel and
+/// image are bound read-only, `/dev/kvm` is the only device (a tap, when
+/// the VM has one, is opened through `/dev/net/tun`).
+fn jailed_command(
+    jail: &JailSpec,
+    state_dir: &Path,
+    vmm: &Path,
+    spec: &VmSpec,
+    dir: &Path,
+    sockets: &[PathBuf],
+    args: &[std::ffi::OsString],
+) -> Result<(PathBuf, Vec<std::ffi::OsString>), crate::jail::JailError> {
+    jail.prepare_dir(dir, sockets)?;
+    let mount_point = state_dir.join("jail-root");
+    let read_only = [spec.kernel.as_path(), spec.image.as_path()];
+    Ok(jail.command(&crate::jail::JailedVmm {
+        id: &spec.name,
+        mount_point: &mount_point,
+        vmm,
+        args,
+        read_only: &read_only,
+        dir,
+        devices: &["kvm"],
+    }))
+}
+
+/// The reason a job carries when seccomp killed the VMM.
+pub const SECCOMP_KILL_REASON: &str =
+    "vmm killed by seccomp (a syscall outside its allow-list; see the VMM's threat model)";
+
+/// A VMM exit status as text. Death by `SIGSYS` is the seccomp filter's
+/// verdict (`SECCOMP_RET_KILL_PROCESS`): it is named as such, because it
+/// means the VMM (possibly driven by a hostile guest) tried something its
+/// allow-list forbids.
+pub fn describe_exit(status: &std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    if status.signal() == Some(nix::libc::SIGSYS) {
+        format!("{status}: {SECCOMP_KILL_REASON}")
+    } else {
+        status.to_string()
     }
 }
 
@@ -308,5 +373,23 @@ impl GuestChannel {
         let frame = encode_frame(msg)?;
         self.stream.write_all(&frame).await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    #[test]
+    fn death_by_sigsys_is_reported_as_a_seccomp_kill() {
+        let sigsys = std::process::ExitStatus::from_raw(nix::libc::SIGSYS);
+        let text = describe_exit(&sigsys);
+        assert!(text.contains("SIGSYS"), "{text}");
+        assert!(text.contains("vmm killed by seccomp"), "{text}");
+        let sigkill = std::process::ExitStatus::from_raw(nix::libc::SIGKILL);
+        assert!(!describe_exit(&sigkill).contains("seccomp"));
+        let exit1 = std::process::ExitStatus::from_raw(1 << 8);
+        assert_eq!(describe_exit(&exit1), "exit status: 1");
     }
 }

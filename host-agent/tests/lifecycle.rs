@@ -108,6 +108,11 @@ async fn world(pools: &[(&str, &[&str], u32)]) -> World {
                 boot_timeout_secs: 20,
             })
             .collect(),
+        // A script stands in for the VMM here: no jail.
+        jail: host_agent::jail::JailConfig {
+            enabled: false,
+            ..Default::default()
+        },
     };
     config.validate().unwrap();
     let agent = Agent::start(config, false).await.unwrap();

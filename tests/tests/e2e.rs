@@ -27,6 +27,8 @@ fn job_scenario(name: &str, job: &str, secret: &str) -> Scenario {
     sc.bins = vec![
         workspace_binary("vmm").unwrap(),
         workspace_binary("host-agent").unwrap(),
+        // The host agent starts every VMM through it (jail on by default).
+        workspace_binary("kindling-jailer").unwrap(),
     ];
     let kernel = guest_kernel().unwrap();
     let image = minimal_image().unwrap();

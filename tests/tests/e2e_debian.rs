@@ -65,6 +65,8 @@ fn debian_image_has_git_curl_cc_and_a_working_dockerd() {
     sc.bins = vec![
         workspace_binary("vmm").unwrap(),
         workspace_binary("host-agent").unwrap(),
+        // The host agent starts every VMM through it (jail on by default).
+        workspace_binary("kindling-jailer").unwrap(),
     ];
     sc.assets = vec![
         Asset {

@@ -176,6 +176,8 @@ fn an_output_flood_completes_with_bounded_memory_on_both_sides() {
     sc.bins = vec![
         workspace_binary("vmm").unwrap(),
         workspace_binary("host-agent").unwrap(),
+        // The host agent starts every VMM through it (jail on by default).
+        workspace_binary("kindling-jailer").unwrap(),
     ];
     sc.assets = vec![
         Asset {

@@ -387,6 +387,8 @@ fn two_pools_run_jobs_survive_failures_and_leave_nothing_behind() {
     sc.bins = vec![
         workspace_binary("vmm").unwrap(),
         workspace_binary("host-agent").unwrap(),
+        // The host agent starts every VMM through it (jail on by default).
+        workspace_binary("kindling-jailer").unwrap(),
         workspace_binary("orchestrator").unwrap(),
     ];
     sc.assets = vec![

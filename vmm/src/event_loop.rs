@@ -16,6 +16,8 @@ use std::thread::JoinHandle;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use crate::seccomp::{Filters, SeccompError, ThreadKind};
+
 /// Errors of the event loop.
 #[derive(Debug, thiserror::Error)]
 pub enum EventLoopError {
@@ -33,6 +35,9 @@ pub enum EventLoopError {
     /// The loop thread could not be spawned.
     #[error("cannot spawn the device thread: {0}")]
     Spawn(std::io::Error),
+    /// The device thread could not install its seccomp filter.
+    #[error("device thread: {0}")]
+    Seccomp(#[from] SeccompError),
 }
 
 /// Something the loop dispatches events to.
@@ -142,15 +147,37 @@ impl EventLoop {
         }
     }
 
-    /// Starts the device thread.
-    pub fn spawn(self) -> Result<RunningEventLoop, EventLoopError> {
+    /// Starts the device thread. With `filters`, the thread installs its
+    /// seccomp filter before it handles any event; this returns only once
+    /// that is done (or failed).
+    pub fn spawn(self, filters: Option<Filters>) -> Result<RunningEventLoop, EventLoopError> {
         let stop = self.stop.try_clone().map_err(EventLoopError::Setup)?;
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name("devices".into())
             .stack_size(crate::memory::THREAD_STACK_SIZE)
-            .spawn(move || self.run())
+            .spawn(move || {
+                let installed = filters.map_or(Ok(()), |f| f.install(ThreadKind::Devices));
+                let ok = installed.is_ok();
+                let _ = ready_tx.send(installed);
+                if ok {
+                    self.run();
+                }
+            })
             .map_err(EventLoopError::Spawn)?;
-        Ok(RunningEventLoop { stop, thread })
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(RunningEventLoop { stop, thread }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e.into())
+            }
+            Err(_) => {
+                let _ = thread.join();
+                Err(EventLoopError::Spawn(std::io::Error::other(
+                    "the device thread ended before it started",
+                )))
+            }
+        }
     }
 
     fn run(self) {
@@ -226,7 +253,7 @@ mod tests {
                 fd,
             })),
         );
-        let running = event_loop.spawn().unwrap();
+        let running = event_loop.spawn(None).unwrap();
         trigger.write(1).unwrap();
         for _ in 0..200 {
             if !seen.lock().unwrap().is_empty() {

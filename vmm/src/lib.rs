@@ -11,6 +11,7 @@ pub mod arch;
 pub mod cli;
 pub mod config;
 pub mod devices;
+pub mod entry;
 pub mod event_loop;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
@@ -19,6 +20,9 @@ pub mod loader;
 pub mod logger;
 pub mod machine;
 pub mod memory;
+pub mod seccomp;
 pub mod smoke;
+#[cfg(feature = "test-hooks")]
+pub mod test_hooks;
 pub mod vcpu;
 pub mod vm;

@@ -44,6 +44,7 @@ use crate::event_loop::{EventLoop, EventLoopError};
 use crate::lifecycle::{ExitReason, ExitSignal, LifecycleError};
 use crate::loader::{self, LoaderError};
 use crate::memory;
+use crate::seccomp::{Filters, SeccompError, ThreadKind};
 use crate::vcpu::{self, VcpuError, VcpuRunner};
 use crate::vm::{Vm, VmError};
 
@@ -132,6 +133,9 @@ pub enum MachineError {
     /// The exit channel failed.
     #[error(transparent)]
     Lifecycle(#[from] LifecycleError),
+    /// A seccomp filter could not be built or installed.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
 }
 
 /// A built, not yet running microVM.
@@ -336,9 +340,19 @@ impl Machine {
     }
 
     /// Runs the VM until it stops, then stops and joins every thread.
+    /// No seccomp filters (library and KVM tests); the `vmm` command uses
+    /// [`Machine::run_with_seccomp`].
     pub fn run(self) -> Result<ExitReason, MachineError> {
+        self.run_with_seccomp(None)
+    }
+
+    /// Runs the VM like [`Machine::run`]; with `filters`, every thread
+    /// installs its seccomp filter: the device thread before its first
+    /// event, each vCPU before its first `KVM_RUN`, this thread once all
+    /// others run. A thread that cannot install its filter fails the start.
+    pub fn run_with_seccomp(self, filters: Option<&Filters>) -> Result<ExitReason, MachineError> {
         vcpu::install_kick_handler()?;
-        let devices = self.event_loop.spawn()?;
+        let devices = self.event_loop.spawn(filters.cloned())?;
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::with_capacity(self.vcpus.len());
         for (index, fd) in self.vcpus.into_iter().enumerate() {
@@ -350,7 +364,7 @@ impl Machine {
                 self.exit.clone(),
                 stop.clone(),
             );
-            match runner.spawn() {
+            match runner.spawn(filters.cloned()) {
                 Ok(thread) => threads.push(thread),
                 Err(e) => {
                     vcpu::stop_vcpus(&stop, threads);
@@ -358,6 +372,13 @@ impl Machine {
                     return Err(e.into());
                 }
             }
+        }
+        if let Some(filters) = filters
+            && let Err(e) = filters.install(ThreadKind::Main)
+        {
+            vcpu::stop_vcpus(&stop, threads);
+            devices.stop();
+            return Err(e.into());
         }
         let reason = self.exit.wait();
         match memory::overhead_rss_kib(self.vm.memory()) {

@@ -27,6 +27,7 @@ use crate::arch::x86_64::regs::{EntryPoint, RegsError, setup_fpu, setup_regs, se
 use crate::devices::bus::Bus;
 use crate::lifecycle::{ExitReason, ExitSignal};
 use crate::logger::since_start;
+use crate::seccomp::{Filters, SeccompError, ThreadKind};
 use crate::vm::Vm;
 
 /// Errors of vCPU creation and control.
@@ -66,6 +67,9 @@ pub enum VcpuError {
     /// The vCPU thread could not be started.
     #[error("vCPU {0}: cannot spawn thread: {1}")]
     Spawn(u8, std::io::Error),
+    /// The vCPU thread could not install its seccomp filter.
+    #[error("vCPU {0}: {1}")]
+    Seccomp(u8, SeccompError),
 }
 
 /// Creates and configures vCPU `index` of `count`. The BSP (index 0) is
@@ -131,14 +135,38 @@ impl VcpuRunner {
         }
     }
 
-    /// Starts the vCPU on its own thread.
-    pub fn spawn(self) -> Result<JoinHandle<()>, VcpuError> {
+    /// Starts the vCPU on its own thread. With `filters`, the thread
+    /// installs its seccomp filter before its first `KVM_RUN`; this returns
+    /// only once that is done (or failed).
+    pub fn spawn(self, filters: Option<Filters>) -> Result<JoinHandle<()>, VcpuError> {
         let index = self.index;
-        std::thread::Builder::new()
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .stack_size(crate::memory::THREAD_STACK_SIZE)
-            .spawn(move || self.run())
-            .map_err(|e| VcpuError::Spawn(index, e))
+            .spawn(move || {
+                let installed = filters.map_or(Ok(()), |f| f.install(ThreadKind::Vcpu));
+                let ok = installed.is_ok();
+                let _ = ready_tx.send(installed);
+                if ok {
+                    self.run();
+                }
+            })
+            .map_err(|e| VcpuError::Spawn(index, e))?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(thread),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(VcpuError::Seccomp(index, e))
+            }
+            Err(_) => {
+                let _ = thread.join();
+                Err(VcpuError::Spawn(
+                    index,
+                    std::io::Error::other("the vCPU thread ended before it started"),
+                ))
+            }
+        }
     }
 
     fn run(mut self) {

@@ -51,6 +51,10 @@ impl BusDevice for BootTimer {
 
     fn write(&mut self, _offset: u64, data: &[u8]) {
         let Some(&value) = data.first() else { return };
+        #[cfg(feature = "test-hooks")]
+        if value == crate::test_hooks::FORBIDDEN_SYSCALL_MARK {
+            crate::test_hooks::forbidden_syscall();
+        }
         let since_start = since_start();
         log::info!(
             "boot-timer: guest mark {value:#04x} at {} us ({:.3} ms) since VMM start",

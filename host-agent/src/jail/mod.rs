@@ -1,0 +1,309 @@
+//! The jail every VMM runs in: the host agent's side (settings, per-VM ids
+//! and limits, the jailer command line) and the jailer process itself
+//! ([`jailer`], the `kindling-jailer` binary).
+//!
+//! The agent (root) never execs the VMM directly when the jail is on: it
+//! prepares the VM directory for the VM's own uid, then execs
+//! `kindling-jailer ... --exec <vmm> -- <vmm args>`; see [`jailer`] for
+//! what the jailer does, in order.
+
+pub mod jailer;
+
+use std::ffi::OsString;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// `[jail]` in the host agent's configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JailConfig {
+    /// Start VMMs through the jailer (default on; off only for debugging).
+    pub enabled: bool,
+    /// The jailer binary; default `kindling-jailer` next to the host agent.
+    pub jailer: Option<PathBuf>,
+    /// First uid (and gid) of the range VMMs run as; VM n gets base + n.
+    pub uid_base: u32,
+    /// How many ids the range has (more than VMs alive at once).
+    pub uid_count: u32,
+    /// cgroup v2 directory under which each VM gets its own group.
+    pub cgroup_parent: PathBuf,
+    /// memory.max = guest RAM + this (VMM overhead, page tables, buffers).
+    pub memory_overhead_mib: u64,
+    /// pids.max (and RLIMIT_NPROC) of a VMM: its threads count.
+    pub pids_max: u32,
+    /// RLIMIT_NOFILE of a VMM.
+    pub nofile: u64,
+    /// `io.max` limits on the VM directory's block device (if it is one).
+    pub io_max: Option<String>,
+}
+
+impl Default for JailConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            jailer: None,
+            uid_base: 900_000,
+            uid_count: 10_000,
+            cgroup_parent: PathBuf::from("/sys/fs/cgroup/kindling"),
+            memory_overhead_mib: 64,
+            pids_max: 64,
+            nofile: 1024,
+            io_max: Some("rbps=209715200 wbps=104857600 riops=20000 wiops=10000".into()),
+        }
+    }
+}
+
+/// Errors validating jail settings or preparing a VM for its jail.
+#[derive(Debug, thiserror::Error)]
+pub enum JailError {
+    /// A setting is unusable.
+    #[error("jail.{field}: {reason}")]
+    Invalid {
+        /// The field.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// Handing the VM directory to the VM's uid failed.
+    #[error("preparing {path} for uid {uid}: {source}")]
+    Prepare {
+        /// The path.
+        path: PathBuf,
+        /// The uid.
+        uid: u32,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+impl JailConfig {
+    /// Checks the settings (called by the config loader).
+    pub fn validate(&self) -> Result<(), JailError> {
+        let invalid = |field, reason: &str| JailError::Invalid {
+            field,
+            reason: reason.into(),
+        };
+        if self.uid_base == 0 {
+            return Err(invalid("uid_base", "must not be 0 (root)"));
+        }
+        if self.uid_count == 0 || self.uid_base.checked_add(self.uid_count).is_none() {
+            return Err(invalid(
+                "uid_count",
+                "must be at least 1 and keep ids below 2^32",
+            ));
+        }
+        if !self.cgroup_parent.is_absolute() {
+            return Err(invalid("cgroup_parent", "must be an absolute path"));
+        }
+        if self.pids_max < 8 {
+            return Err(invalid("pids_max", "a VMM needs at least 8 (its threads)"));
+        }
+        if self.nofile < 64 {
+            return Err(invalid("nofile", "a VMM needs at least 64 open files"));
+        }
+        Ok(())
+    }
+
+    /// The jailer binary to exec.
+    pub fn jailer_path(&self) -> PathBuf {
+        self.jailer.clone().unwrap_or_else(|| {
+            std::env::current_exe()
+                .ok()
+                .and_then(|exe| exe.parent().map(|d| d.join("kindling-jailer")))
+                .unwrap_or_else(|| PathBuf::from("kindling-jailer"))
+        })
+    }
+
+    /// The per-VM jail for a VM with guest CID `cid` (unique among live VMs,
+    /// hence its uid/gid `uid_base + cid % uid_count`).
+    pub fn for_vm(&self, name: &str, cid: u32, vcpus: u8, memory_mib: u32) -> JailSpec {
+        let id = self.uid_base + cid % self.uid_count;
+        JailSpec {
+            jailer: self.jailer_path(),
+            uid: id,
+            gid: id,
+            cgroup: self.cgroup_parent.join(name),
+            cpu_max: format!("{} 100000", u64::from(vcpus.max(1)) * 100_000),
+            memory_max: (u64::from(memory_mib) + self.memory_overhead_mib) << 20,
+            pids_max: self.pids_max,
+            nofile: self.nofile,
+            io_max: self.io_max.clone(),
+        }
+    }
+}
+
+/// What one jailed VMM is given.
+#[derive(Debug, Clone)]
+pub struct JailedVmm<'a> {
+    /// The VM's id (its cgroup name).
+    pub id: &'a str,
+    /// The empty directory the jail's root tmpfs is mounted on.
+    pub mount_point: &'a Path,
+    /// The VMM binary.
+    pub vmm: &'a Path,
+    /// The VMM's arguments (host paths; the jail keeps them valid).
+    pub args: &'a [OsString],
+    /// Files bound read-only (kernel, image).
+    pub read_only: &'a [&'a Path],
+    /// The VM directory, bound read-write.
+    pub dir: &'a Path,
+    /// Device nodes ("kvm", "tun").
+    pub devices: &'a [&'a str],
+}
+
+/// One VM's jail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JailSpec {
+    /// The jailer binary.
+    pub jailer: PathBuf,
+    /// The VMM's uid.
+    pub uid: u32,
+    /// The VMM's gid.
+    pub gid: u32,
+    /// The VM's cgroup directory.
+    pub cgroup: PathBuf,
+    /// cpu.max.
+    pub cpu_max: String,
+    /// memory.max in bytes.
+    pub memory_max: u64,
+    /// pids.max.
+    pub pids_max: u32,
+    /// RLIMIT_NOFILE.
+    pub nofile: u64,
+    /// io.max limits.
+    pub io_max: Option<String>,
+}
+
+impl JailSpec {
+    /// Hands the VM directory and the sockets the agent bound in it to the
+    /// VM's uid (mode 0700: no other VM's uid can enter it).
+    pub fn prepare_dir(&self, dir: &Path, sockets: &[PathBuf]) -> Result<(), JailError> {
+        let chown = |path: &Path| {
+            std::os::unix::fs::chown(path, Some(self.uid), Some(self.gid)).map_err(|source| {
+                JailError::Prepare {
+                    path: path.to_path_buf(),
+                    uid: self.uid,
+                    source,
+                }
+            })
+        };
+        chown(dir)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(
+            |source| JailError::Prepare {
+                path: dir.to_path_buf(),
+                uid: self.uid,
+                source,
+            },
+        )?;
+        for socket in sockets {
+            chown(socket)?;
+        }
+        Ok(())
+    }
+
+    /// The jailer command line (program, arguments) that runs `vm` jailed.
+    pub fn command(&self, vm: &JailedVmm<'_>) -> (PathBuf, Vec<OsString>) {
+        let JailedVmm {
+            id,
+            mount_point,
+            vmm,
+            args,
+            read_only,
+            dir,
+            devices,
+        } = vm;
+        let mut out: Vec<OsString> = Vec::new();
+        let mut flag = |name: &str, value: OsString| {
+            out.push(format!("--{name}").into());
+            out.push(value);
+        };
+        flag("id", id.into());
+        flag("uid", self.uid.to_string().into());
+        flag("gid", self.gid.to_string().into());
+        flag("mount-point", mount_point.into());
+        flag("cgroup", self.cgroup.clone().into());
+        flag("cpu-max", self.cpu_max.clone().into());
+        flag("memory-max", self.memory_max.to_string().into());
+        flag("pids-max", self.pids_max.to_string().into());
+        flag("nofile", self.nofile.to_string().into());
+        if let Some(io) = &self.io_max {
+            flag("io-max", io.into());
+        }
+        for path in read_only.iter() {
+            flag("ro-bind", (*path).into());
+        }
+        flag("rw-bind", dir.into());
+        for device in devices.iter() {
+            flag("dev", (*device).into());
+        }
+        flag("exec", vmm.into());
+        out.push("--".into());
+        out.extend(args.iter().cloned());
+        (self.jailer.clone(), out)
+    }
+
+    /// Removes the VM's cgroup (after its processes are gone).
+    pub fn remove_cgroup(&self) {
+        jailer::remove_cgroup(&self.cgroup);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_bad_values_are_named() {
+        JailConfig::default().validate().unwrap();
+        let bad = JailConfig {
+            uid_base: 0,
+            ..JailConfig::default()
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("jail.uid_base")
+        );
+        let bad = JailConfig {
+            cgroup_parent: "rel".into(),
+            ..JailConfig::default()
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("cgroup_parent")
+        );
+    }
+
+    #[test]
+    fn per_vm_ids_and_limits() {
+        let config = JailConfig::default();
+        let a = config.for_vm("a", 3, 2, 256);
+        let b = config.for_vm("b", 4, 1, 128);
+        assert_ne!(a.uid, b.uid);
+        assert_eq!(a.uid, 900_003);
+        assert_eq!(a.cpu_max, "200000 100000");
+        assert_eq!(a.memory_max, (256 + 64) << 20);
+        assert_eq!(a.cgroup, PathBuf::from("/sys/fs/cgroup/kindling/a"));
+        let (_, argv) = a.command(&JailedVmm {
+            id: "a",
+            mount_point: Path::new("/s/jail"),
+            vmm: Path::new("/bin/vmm"),
+            args: &["--kernel".into(), "/k".into()],
+            read_only: &[Path::new("/k")],
+            dir: Path::new("/s/vms/a"),
+            devices: &["kvm"],
+        });
+        let text: Vec<String> = argv.iter().map(|a| a.to_string_lossy().into()).collect();
+        let joined = text.join(" ");
+        assert!(joined.contains("--uid 900003 --gid 900003"), "{joined}");
+        assert!(
+            joined.ends_with("--exec /bin/vmm -- --kernel /k"),
+            "{joined}"
+        );
+    }
+}
