@@ -116,6 +116,12 @@ pub struct PoolConfig {
     /// Seconds a VM may take from VMM start to the runner agent's `Hello`.
     #[serde(default = "default_boot_timeout")]
     pub boot_timeout_secs: u64,
+    /// Most job log the host relays per second for one VM, in KiB; 0 means
+    /// no limit (default 4096 = 4 MiB/s). A job printing faster is slowed
+    /// down inside its own VM (backpressure), so a log flood cannot spend
+    /// the host's CPU on relaying at its neighbours' expense.
+    #[serde(default = "default_log_kib_per_sec")]
+    pub log_kib_per_sec: u64,
 }
 
 fn default_boot_timeout() -> u64 {
@@ -219,6 +225,12 @@ impl Config {
                     ),
                 ));
             }
+            if pool.log_kib_per_sec > 1 << 30 {
+                return Err(invalid(
+                    at("log_kib_per_sec"),
+                    "must be at most 1073741824 (1 TiB/s); 0 means no limit",
+                ));
+            }
             if pool.boot_timeout_secs == 0 || pool.boot_timeout_secs > 600 {
                 return Err(invalid(
                     at("boot_timeout_secs"),
@@ -251,6 +263,10 @@ impl Config {
 }
 
 /// Ids and labels: 1-64 characters of `[A-Za-z0-9._-]`.
+fn default_log_kib_per_sec() -> u64 {
+    4096
+}
+
 fn default_shutdown_grace_secs() -> u64 {
     60
 }

@@ -11,6 +11,7 @@ pub mod agent;
 pub mod cleanup;
 pub mod config;
 pub mod jail;
+pub mod log_rate;
 pub mod metrics;
 pub mod pool;
 pub mod relay;

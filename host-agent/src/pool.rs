@@ -21,6 +21,7 @@ use tokio::sync::watch;
 
 use crate::cleanup::record_vm_id;
 use crate::config::{Config, PoolConfig};
+use crate::log_rate::LogRateLimit;
 use crate::metrics::Metrics;
 use crate::relay::run_job;
 use crate::sink::OrchestratorSink;
@@ -250,7 +251,9 @@ async fn serve_vm(
     metrics.vm_state(name, "running", 1);
     let acquired = Instant::now();
     let mut sink = OrchestratorSink::new(shared.client.clone(), job.id.clone(), token.clone());
-    let outcome = run_job(vm, &mut channel, &job, &mut sink).await;
+    let log_rate = std::num::NonZeroU64::new(pool.log_kib_per_sec.saturating_mul(1024))
+        .map(|rate| LogRateLimit::new(rate, Instant::now()));
+    let outcome = run_job(vm, &mut channel, &job, &mut sink, log_rate).await;
     metrics.vm_state(name, "running", -1);
     report.dispatch_to_first_log = outcome.first_log.map(|t| t - acquired);
     report.run = Some(outcome.finished - acquired);

@@ -5,7 +5,8 @@
 //! Backpressure: events are batched, and when a batch is full the relay
 //! awaits the sink before it reads from the guest again, so a job printing
 //! gigabytes fills the vsock buffers and blocks the guest's writer instead
-//! of the host's memory.
+//! of the host's memory. An optional per-VM [`LogRateLimit`] also paces
+//! how fast the relay reads log data at all (see `log_rate`).
 
 use std::time::{Duration, Instant};
 
@@ -13,6 +14,7 @@ use protocol::api::JobEventKind;
 use protocol::message::{GuestMessage, HostMessage, Job, JobFinished, JobResult};
 use protocol::session::HEARTBEAT_TIMEOUT;
 
+use crate::log_rate::LogRateLimit;
 use crate::vm::{GuestChannel, RunningVm};
 
 /// Events per batch posted to the sink.
@@ -61,13 +63,15 @@ impl Batch {
     }
 }
 
-/// Relays `job` on `vm` until it ends. The final `JobFinished` event is
+/// Relays `job` on `vm` until it ends, reading the guest's log no faster
+/// than `log_rate` allows (if given). The final `JobFinished` event is
 /// always posted, also for failures the guest could not report.
 pub async fn run_job(
     vm: &mut RunningVm,
     channel: &mut GuestChannel,
     job: &Job,
     sink: &mut impl EventSink,
+    log_rate: Option<LogRateLimit>,
 ) -> RelayOutcome {
     let mut state = Relay {
         batch: Batch {
@@ -78,6 +82,8 @@ pub async fn run_job(
         first_log: None,
         cancel_sent: false,
         last_post: Instant::now(),
+        log_rate,
+        paused_until: None,
     };
     let result = state.drive(vm, channel, job, sink).await;
     // Whatever happened, the job's last event says how it ended.
@@ -101,6 +107,9 @@ struct Relay {
     first_log: Option<Instant>,
     cancel_sent: bool,
     last_post: Instant,
+    log_rate: Option<LogRateLimit>,
+    /// Set while the log rate limit has the relay stop reading the guest.
+    paused_until: Option<tokio::time::Instant>,
 }
 
 impl Relay {
@@ -127,8 +136,9 @@ impl Relay {
         let mut last_heard = tokio::time::Instant::now();
         let mut tick = tokio::time::interval(FLUSH_INTERVAL);
         loop {
+            let paused_until = self.paused_until;
             tokio::select! {
-                msg = channel.recv() => {
+                msg = channel.recv(), if paused_until.is_none() => {
                     last_heard = tokio::time::Instant::now();
                     match msg {
                         Ok(GuestMessage::JobFinished(JobFinished { result })) => return result,
@@ -148,6 +158,11 @@ impl Relay {
                 }
                 status = vm.exited() => {
                     return error(format!("vm exited with {status}{}{}", self.during(), vm.log_tail()));
+                }
+                _ = sleep_until_some(paused_until) => {
+                    self.paused_until = None;
+                    // The guest was not read while paused: its silence is ours.
+                    last_heard = tokio::time::Instant::now();
                 }
                 _ = tick.tick() => {
                     let quiet = self.last_post.elapsed() >= CANCEL_POLL_INTERVAL;
@@ -171,6 +186,11 @@ impl Relay {
             GuestMessage::LogChunk(c) => {
                 self.first_log.get_or_insert_with(Instant::now);
                 self.batch.bytes += c.data.len();
+                if let Some(limit) = &mut self.log_rate
+                    && let Some(wait) = limit.charge(c.data.len(), Instant::now())
+                {
+                    self.paused_until = Some(tokio::time::Instant::now() + wait);
+                }
             }
             _ => {}
         }
@@ -216,5 +236,13 @@ impl Relay {
                 .map_err(|e| format!("forwarding the cancel failed: {e}"))?;
         }
         Ok(())
+    }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
     }
 }

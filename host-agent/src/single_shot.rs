@@ -115,6 +115,8 @@ pub async fn run(opts: RunOptions) -> Result<i32, String> {
             image: opts.image.clone(),
             cmdline_extra: String::new(),
             boot_timeout_secs: opts.boot_timeout_secs,
+            // One job, no neighbours to protect.
+            log_kib_per_sec: 0,
         }],
         jail: crate::jail::JailConfig {
             enabled: opts.jail,

@@ -106,6 +106,7 @@ async fn world(pools: &[(&str, &[&str], u32)]) -> World {
                 image: dir.path().join("image"),
                 cmdline_extra: String::new(),
                 boot_timeout_secs: 20,
+                log_kib_per_sec: 0,
             })
             .collect(),
         // A script stands in for the VMM here: no jail.

@@ -2,11 +2,13 @@
 //! script) and a thread that speaks the guest side of `protocol` on the
 //! socket the VMM would deliver vsock connections to. No KVM needed.
 
+use std::num::NonZeroU64;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use host_agent::log_rate::LogRateLimit;
 use host_agent::relay::{EventSink, run_job};
 use host_agent::vm::{RunningVm, VmSpec};
 use protocol::api::JobEventKind;
@@ -74,6 +76,8 @@ fn guest_connect(vm_dir: &Path) -> UnixStream {
     let path = host_listener_path(&vm_dir.join("vsock.sock"), RUNNER_AGENT_PORT);
     let mut s = UnixStream::connect(path).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    // A relay that stops reading fails the test instead of hanging it.
+    s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
     let hello = GuestHello {
         protocol_version: PROTOCOL_VERSION,
         agent_version: "test".into(),
@@ -161,7 +165,7 @@ async fn relays_events_in_order_and_the_guest_result() {
         .unwrap();
     });
     let mut sink = MemorySink::default();
-    let outcome = run_job(&mut vm, &mut channel, &job(2), &mut sink).await;
+    let outcome = run_job(&mut vm, &mut channel, &job(2), &mut sink, None).await;
     driver.join().unwrap();
     assert_eq!(outcome.result, JobResult::Succeeded);
     assert!(outcome.first_log.is_some());
@@ -183,6 +187,71 @@ async fn relays_events_in_order_and_the_guest_result() {
     let vm_dir = vm.dir.clone();
     vm.destroy().await;
     assert!(!vm_dir.exists(), "teardown must remove the VM directory");
+}
+
+#[tokio::test]
+async fn a_log_rate_limit_paces_the_relay_and_loses_nothing() {
+    const CHUNKS: u64 = 40;
+    const CHUNK: usize = 16 << 10;
+    const RATE: u64 = 256 << 10;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut vm, mut channel, guest) = start(dir.path(), "exec sleep 600").await;
+    let driver = std::thread::spawn(move || {
+        let mut s = guest.join().unwrap();
+        let _job = read_frame::<HostMessage>(&mut s).unwrap();
+        write_frame(
+            &mut s,
+            &GuestMessage::StepStarted(StepStarted {
+                step: 0,
+                name: "flood".into(),
+            }),
+        )
+        .unwrap();
+        let line = "x".repeat(CHUNK - 1) + "\n";
+        for seq in 0..CHUNKS {
+            write_frame(&mut s, &log(0, seq, &line)).unwrap();
+        }
+        write_frame(
+            &mut s,
+            &GuestMessage::StepFinished(StepFinished {
+                step: 0,
+                exit_code: Some(0),
+                signal: None,
+                duration_ms: 1,
+            }),
+        )
+        .unwrap();
+        write_frame(
+            &mut s,
+            &GuestMessage::JobFinished(JobFinished {
+                result: JobResult::Succeeded,
+            }),
+        )
+        .unwrap();
+    });
+    let mut sink = MemorySink::default();
+    let t0 = std::time::Instant::now();
+    let limit = LogRateLimit::new(NonZeroU64::new(RATE).unwrap(), t0);
+    let outcome = run_job(&mut vm, &mut channel, &job(1), &mut sink, Some(limit)).await;
+    let elapsed = t0.elapsed().as_secs_f64();
+    driver.join().unwrap();
+    assert_eq!(outcome.result, JobResult::Succeeded);
+    // 640 KiB at 256 KiB/s after a one-second (256 KiB) burst: 1.5 s.
+    let expected = (CHUNKS as f64 * CHUNK as f64 - RATE as f64) / RATE as f64;
+    assert!(
+        elapsed >= expected * 0.9 && elapsed < expected + 5.0,
+        "{elapsed} s, expected about {expected} s"
+    );
+    let seqs: Vec<u64> = sink
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            JobEventKind::LogChunk(c) => Some(c.seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(seqs, (0..CHUNKS).collect::<Vec<_>>());
+    vm.destroy().await;
 }
 
 #[tokio::test]
@@ -209,7 +278,7 @@ async fn a_vmm_crash_mid_job_fails_the_job_with_a_reason() {
         s
     });
     let mut sink = MemorySink::default();
-    let outcome = run_job(&mut vm, &mut channel, &job(2), &mut sink).await;
+    let outcome = run_job(&mut vm, &mut channel, &job(2), &mut sink, None).await;
     let JobResult::Error { reason } = &outcome.result else {
         panic!("{outcome:?}")
     };
@@ -253,7 +322,7 @@ async fn a_vmm_killed_mid_job_is_reported_as_the_cause_not_the_closed_socket() {
         std::fs::write(closed, b"").unwrap();
     });
     let mut sink = MemorySink::default();
-    let outcome = run_job(&mut vm, &mut channel, &job(1), &mut sink).await;
+    let outcome = run_job(&mut vm, &mut channel, &job(1), &mut sink, None).await;
     let JobResult::Error { reason } = &outcome.result else {
         panic!("{outcome:?}")
     };
@@ -277,7 +346,7 @@ async fn a_bad_frame_ends_the_job_with_a_clear_error() {
         std::thread::sleep(Duration::from_millis(500));
     });
     let mut sink = MemorySink::default();
-    let outcome = run_job(&mut vm, &mut channel, &job(1), &mut sink).await;
+    let outcome = run_job(&mut vm, &mut channel, &job(1), &mut sink, None).await;
     let JobResult::Error { reason } = &outcome.result else {
         panic!("{outcome:?}")
     };
@@ -325,7 +394,7 @@ async fn a_cancel_from_the_sink_reaches_the_guest() {
         cancel: true,
         ..Default::default()
     };
-    let outcome = run_job(&mut vm, &mut channel, &job(1), &mut sink).await;
+    let outcome = run_job(&mut vm, &mut channel, &job(1), &mut sink, None).await;
     assert_eq!(outcome.result, JobResult::Cancelled);
     driver.join().unwrap();
     vm.destroy().await;
