@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::net::addressing::{AddressPool, DEFAULT_SUBNET, LINK_PREFIX_LEN};
+use crate::net::policy::AllowRule;
+
 /// Errors loading or validating the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -60,9 +63,62 @@ pub struct Config {
     pub orchestrator: OrchestratorConfig,
     /// What the agent may use of this host, at most.
     pub limits: Limits,
+    /// Guest networking shared by all pools.
+    #[serde(default)]
+    pub network: NetworkConfig,
     /// The VM pools.
     #[serde(rename = "pool")]
     pub pools: Vec<PoolConfig>,
+}
+
+/// `[network]`: host-wide settings of the VMs' network (used only by pools
+/// whose `network` is not `"none"`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// The subnet every VM gets a /30 of (default `198.18.0.0/16`; see
+    /// `net::addressing` for why).
+    #[serde(default = "default_subnet")]
+    pub subnet: ipnet::Ipv4Net,
+    /// The resolver the guests' DNS queries (sent to their gateway) are
+    /// DNAT'd to; default: the host's first non-loopback IPv4 nameserver.
+    #[serde(default)]
+    pub dns: Option<std::net::Ipv4Addr>,
+    /// The `nft` binary.
+    #[serde(default = "default_nft")]
+    pub nft: String,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            subnet: default_subnet(),
+            dns: None,
+            nft: default_nft(),
+        }
+    }
+}
+
+fn default_subnet() -> ipnet::Ipv4Net {
+    DEFAULT_SUBNET.parse().expect("the default subnet parses")
+}
+
+fn default_nft() -> String {
+    "nft".into()
+}
+
+/// A pool's network.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PoolNetwork {
+    /// No network device at all (such VMs also take `network: false` jobs).
+    #[default]
+    None,
+    /// A tap with NAT egress to everything but the forbidden destinations
+    /// (plus the pool's `allow` entries).
+    Nat,
+    /// A tap through which only DNS and the pool's `allow` entries pass.
+    DenyAll,
 }
 
 /// The orchestrator endpoint and this host's credential.
@@ -109,6 +165,12 @@ pub struct PoolConfig {
     /// Seconds a VM may take from VMM start to the runner agent's `Hello`.
     #[serde(default = "default_boot_timeout")]
     pub boot_timeout_secs: u64,
+    /// The VMs' network: `"none"` (default), `"nat"` or `"deny-all"`.
+    #[serde(default)]
+    pub network: PoolNetwork,
+    /// Destinations allowed even if forbidden by default (checked first).
+    #[serde(default)]
+    pub allow: Vec<AllowRule>,
 }
 
 fn default_boot_timeout() -> u64 {
@@ -163,7 +225,7 @@ impl Config {
             return Err(invalid("pool", "at least one [[pool]] is required"));
         }
         let mut names = HashSet::new();
-        let (mut vcpus, mut memory) = (0u64, 0u64);
+        let (mut vcpus, mut memory, mut links) = (0u64, 0u64, 0u64);
         for (i, pool) in self.pools.iter().enumerate() {
             let at = |f: &str| format!("pool[{i}].{f}");
             check_identifier(&at("name"), &pool.name)?;
@@ -202,9 +264,33 @@ impl Config {
                     "must be between 1 and 600",
                 ));
             }
+            if pool.network == PoolNetwork::None && !pool.allow.is_empty() {
+                return Err(invalid(
+                    at("allow"),
+                    "needs `network = \"nat\"` or `\"deny-all\"` (the pool has no network)",
+                ));
+            }
+            for (j, rule) in pool.allow.iter().enumerate() {
+                if rule.ports.contains(&0) {
+                    return Err(invalid(
+                        format!("pool[{i}].allow[{j}].ports"),
+                        "port 0 is not a port",
+                    ));
+                }
+                if rule.ports.len() > 64 {
+                    return Err(invalid(
+                        format!("pool[{i}].allow[{j}].ports"),
+                        "at most 64 ports",
+                    ));
+                }
+            }
+            if pool.network != PoolNetwork::None {
+                links += u64::from(pool.size);
+            }
             vcpus += u64::from(pool.size) * u64::from(pool.vcpus);
             memory += u64::from(pool.size) * u64::from(pool.memory_mib);
         }
+        self.validate_network(links)?;
         if vcpus > u64::from(self.limits.vcpus) {
             return Err(invalid(
                 "limits.vcpus",
@@ -221,6 +307,40 @@ impl Config {
                     "the pools need {memory} MiB but the limit is {}",
                     self.limits.memory_mib
                 ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// `[network]`, given how many VM links the pools need at most.
+    fn validate_network(&self, links: u64) -> Result<(), ConfigError> {
+        let net = &self.network;
+        if let Some(dns) = net.dns
+            && (dns.is_loopback()
+                || dns.is_unspecified()
+                || dns.is_multicast()
+                || dns.is_broadcast())
+        {
+            return Err(invalid(
+                "network.dns",
+                format!(
+                    "{dns} cannot be reached from a VM's tap (a DNAT to loopback is dropped \
+                     as a martian); give a resolver on a real interface"
+                ),
+            ));
+        }
+        if net.nft.is_empty() {
+            return Err(invalid("network.nft", "must name the nft binary"));
+        }
+        let pool =
+            AddressPool::new(net.subnet).map_err(|e| invalid("network.subnet", e.to_string()))?;
+        let capacity = 1u64 << (LINK_PREFIX_LEN - pool.subnet().prefix_len());
+        if links > capacity {
+            return Err(invalid(
+                "network.subnet",
+                format!("holds {capacity} VM links (/30 each) but the pools need {links}"),
             ));
         }
         Ok(())
@@ -306,6 +426,26 @@ image = "{d}/image.erofs"
             ("http://127.0.0.1:8080", "ftp://x", "orchestrator.url"),
             ("image.erofs\"", "missing.erofs\"", "pool[0].image"),
             ("host_id = \"host-1\"", "host_id = \"\"", "host_id"),
+            (
+                "[limits]",
+                "[network]\ndns = \"127.0.0.53\"\n[limits]",
+                "network.dns",
+            ),
+            (
+                "[limits]",
+                "[network]\nsubnet = \"198.18.0.0/31\"\n[limits]",
+                "network.subnet",
+            ),
+            (
+                "image.erofs\"",
+                "image.erofs\"\nnetwork = \"none\"\nallow = [{ cidr = \"10.0.0.0/8\" }]",
+                "pool[0].allow",
+            ),
+            (
+                "image.erofs\"",
+                "image.erofs\"\nnetwork = \"nat\"\nallow = [{ cidr = \"10.0.0.0/8\", ports = [0] }]",
+                "pool[0].allow[0].ports",
+            ),
         ];
         for (from, to, field) in cases {
             let text = good.replacen(from, to, 1);
@@ -313,6 +453,32 @@ image = "{d}/image.erofs"
             let err = load(&text, dir.path()).unwrap_err().to_string();
             assert!(err.contains(field), "{from} -> {to}: {err}");
         }
+    }
+
+    #[test]
+    fn network_settings_parse_and_the_subnet_must_hold_every_vm() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = sample(dir.path()).replace(
+            "[limits]",
+            "[network]\nsubnet = \"10.77.0.0/24\"\ndns = \"192.0.2.53\"\n[limits]",
+        ) + "network = \"deny-all\"\nallow = [{ cidr = \"10.1.0.0/16\", ports = [443] }]\n";
+        let c = load(&text, dir.path()).unwrap();
+        assert_eq!(c.network.subnet.to_string(), "10.77.0.0/24");
+        assert_eq!(c.pools[0].network, PoolNetwork::DenyAll);
+        assert_eq!(c.pools[0].allow[0].ports, [443]);
+        // Defaults: no network, the RFC 2544 subnet.
+        let c = load(&sample(dir.path()), dir.path()).unwrap();
+        assert_eq!(c.pools[0].network, PoolNetwork::None);
+        assert_eq!(c.network.subnet.to_string(), "198.18.0.0/16");
+        // Two VMs need two /30s: a /30 holds one.
+        let small = text.replace("10.77.0.0/24", "10.77.0.0/30");
+        let err = load(&small, dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("network.subnet") && err.contains("need 2"),
+            "{err}"
+        );
+        let bad = text.replace("deny-all", "open");
+        assert!(load(&bad, dir.path()).is_err());
     }
 
     #[test]

@@ -5,12 +5,14 @@
 //! process, vsock channel), [`relay`] (one job on one VM), [`sink`] (the
 //! orchestrator as the relay's event sink), [`pool`] (a slot's VM cycle),
 //! [`agent`] (the daemon), [`cleanup`] (what a crashed run left),
-//! [`metrics`], [`single_shot`] (`host-agent run job.yaml`).
+//! [`metrics`], [`net`] (taps, addresses and the nftables policy),
+//! [`single_shot`] (`host-agent run job.yaml`).
 
 pub mod agent;
 pub mod cleanup;
 pub mod config;
 pub mod metrics;
+pub mod net;
 pub mod pool;
 pub mod relay;
 pub mod single_shot;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use host_agent::agent::{Agent, SHUTDOWN_GRACE};
-use host_agent::config::Config;
+use host_agent::config::{Config, PoolNetwork};
 use host_agent::single_shot::{RunOptions, run};
 
 /// Kindling host agent.
@@ -54,7 +54,30 @@ enum Cmd {
         /// Seconds to wait for the guest's Hello.
         #[arg(long, default_value_t = 60)]
         boot_timeout: u64,
+        /// The VM's network: none, nat or deny-all (a job with
+        /// `network: false` gets none whatever this says).
+        #[arg(long, default_value = "none", value_parser = parse_network)]
+        network: PoolNetwork,
+        /// Resolver the guest's DNS is DNAT'd to (default: the host's).
+        #[arg(long)]
+        dns: Option<std::net::Ipv4Addr>,
     },
+    /// Remove what a crashed agent left (VMMs, VM directories, taps, the
+    /// nftables table) - the clean-up `serve` runs at start - and exit.
+    Cleanup {
+        /// TOML configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn parse_network(s: &str) -> Result<PoolNetwork, String> {
+    match s {
+        "none" => Ok(PoolNetwork::None),
+        "nat" => Ok(PoolNetwork::Nat),
+        "deny-all" => Ok(PoolNetwork::DenyAll),
+        _ => Err(format!("{s:?}: expected none, nat or deny-all")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -77,6 +100,7 @@ fn main() -> ExitCode {
     let code = runtime.block_on(async {
         match cli.command {
             Cmd::Serve { config } => serve(config).await,
+            Cmd::Cleanup { config } => cleanup(config).await,
             Cmd::Run {
                 job,
                 secrets,
@@ -87,6 +111,8 @@ fn main() -> ExitCode {
                 memory_mib,
                 state_dir,
                 boot_timeout,
+                network,
+                dns,
             } => {
                 let secrets = match parse_secrets(&secrets) {
                     Ok(s) => s,
@@ -105,6 +131,8 @@ fn main() -> ExitCode {
                     memory_mib,
                     state_dir,
                     boot_timeout_secs: boot_timeout,
+                    network,
+                    dns,
                 };
                 match run(opts).await {
                     Ok(code) => code,
@@ -139,6 +167,26 @@ async fn serve(path: PathBuf) -> i32 {
     tracing::info!("stopping: no new jobs, {SHUTDOWN_GRACE:?} for running ones");
     agent.shutdown(SHUTDOWN_GRACE).await;
     0
+}
+
+async fn cleanup(path: PathBuf) -> i32 {
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("host-agent: {e}");
+            return 2;
+        }
+    };
+    match host_agent::agent::clean_up(&config).await {
+        Ok(summary) => {
+            println!("{summary}");
+            0
+        }
+        Err(e) => {
+            eprintln!("host-agent: {e}");
+            2
+        }
+    }
 }
 
 fn parse_secrets(specs: &[String]) -> Result<Vec<(String, String)>, String> {

@@ -21,7 +21,7 @@ use protocol::job::JobSpec;
 use protocol::message::{OutputStream, Secrets};
 
 use crate::agent::Agent;
-use crate::config::{Config, Limits, OrchestratorConfig, PoolConfig};
+use crate::config::{Config, Limits, NetworkConfig, OrchestratorConfig, PoolConfig, PoolNetwork};
 use crate::pool::CycleReport;
 
 /// What `host-agent run` needs.
@@ -45,6 +45,10 @@ pub struct RunOptions {
     pub state_dir: Option<PathBuf>,
     /// Seconds to wait for the runner agent's Hello.
     pub boot_timeout_secs: u64,
+    /// The VM's network (a job with `network: false` gets none).
+    pub network: PoolNetwork,
+    /// Resolver for the guest's DNS path (default: the host's).
+    pub dns: Option<std::net::Ipv4Addr>,
 }
 
 /// Runs the job; returns the process exit code (0 succeeded, 1 failed, 2 other).
@@ -94,6 +98,10 @@ pub async fn run(opts: RunOptions) -> Result<i32, String> {
         state_dir: state_dir.clone(),
         vmm: opts.vmm.clone(),
         metrics_listen: None,
+        network: NetworkConfig {
+            dns: opts.dns,
+            ..NetworkConfig::default()
+        },
         orchestrator: OrchestratorConfig {
             url: url.clone(),
             host_credential,
@@ -112,6 +120,12 @@ pub async fn run(opts: RunOptions) -> Result<i32, String> {
             image: opts.image.clone(),
             cmdline_extra: String::new(),
             boot_timeout_secs: opts.boot_timeout_secs,
+            network: if spec.network {
+                opts.network
+            } else {
+                PoolNetwork::None
+            },
+            allow: Vec::new(),
         }],
     };
     config.validate().map_err(|e| e.to_string())?;

@@ -91,6 +91,16 @@ pub struct VmSpec {
     pub cmdline: String,
     /// Guest vsock CID.
     pub cid: u32,
+    /// Its network device, if it has one (the tap exists already).
+    pub network: Option<crate::net::VmNetwork>,
+}
+
+/// The VMM arguments of the VM's network device (none without one).
+fn network_args(spec: &VmSpec) -> Vec<String> {
+    match &spec.network {
+        Some(net) => vec!["--net".into(), net.vmm_arg()],
+        None => Vec::new(),
+    }
 }
 
 /// The base kernel command line of every VM: serial console, reset through
@@ -143,6 +153,7 @@ impl RunningVm {
             .arg("--serial")
             .arg(format!("file:{}", dir.join("serial.log").display()))
             .arg("--boot-timer")
+            .args(network_args(&spec))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)

@@ -85,6 +85,7 @@ async fn world(pools: &[(&str, &[&str], u32)]) -> World {
         state_dir: state.clone(),
         vmm: fake_vmm(dir.path()),
         metrics_listen: None,
+        network: Default::default(),
         orchestrator: OrchestratorConfig {
             url: url.clone(),
             host_credential: HOST.into(),
@@ -105,6 +106,8 @@ async fn world(pools: &[(&str, &[&str], u32)]) -> World {
                 image: dir.path().join("image"),
                 cmdline_extra: String::new(),
                 boot_timeout_secs: 20,
+                network: Default::default(),
+                allow: Vec::new(),
             })
             .collect(),
     };

@@ -46,6 +46,7 @@ fn spec(dir: &Path) -> VmSpec {
         image: dir.join("image"),
         cmdline: "console=ttyS0".into(),
         cid: 3,
+        network: None,
     }
 }
 
