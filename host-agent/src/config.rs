@@ -171,6 +171,45 @@ pub struct PoolConfig {
     /// Destinations allowed even if forbidden by default (checked first).
     #[serde(default)]
     pub allow: Vec<AllowRule>,
+    /// Per-VM bandwidth and packet-rate limits (token buckets in the VMM).
+    #[serde(default)]
+    pub rate_limit: RateLimitConfig,
+}
+
+/// `[pool.rate_limit]`: per-VM limits, per direction (`rx`: to the guest,
+/// `tx`: from it). Unset means unlimited. Bursts are the VMM's default (a
+/// tenth of a second's worth, at least one 64 KiB frame / one packet).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Bytes per second to the guest.
+    pub rx_bytes_per_sec: Option<u64>,
+    /// Bytes per second from the guest.
+    pub tx_bytes_per_sec: Option<u64>,
+    /// Packets per second to the guest.
+    pub rx_packets_per_sec: Option<u64>,
+    /// Packets per second from the guest.
+    pub tx_packets_per_sec: Option<u64>,
+}
+
+impl RateLimitConfig {
+    fn fields(&self) -> [(&'static str, Option<u64>); 4] {
+        [
+            ("rx-bytes-per-sec", self.rx_bytes_per_sec),
+            ("tx-bytes-per-sec", self.tx_bytes_per_sec),
+            ("rx-packets-per-sec", self.rx_packets_per_sec),
+            ("tx-packets-per-sec", self.tx_packets_per_sec),
+        ]
+    }
+
+    /// The VMM's `--net` options for these limits (`key=value,...`).
+    pub fn vmm_options(&self) -> String {
+        self.fields()
+            .iter()
+            .filter_map(|(k, v)| v.map(|v| format!("{k}={v}")))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
 }
 
 fn default_boot_timeout() -> u64 {
@@ -283,6 +322,17 @@ impl Config {
                         "at most 64 ports",
                     ));
                 }
+            }
+            for (key, value) in pool.rate_limit.fields() {
+                if value == Some(0) {
+                    return Err(invalid(
+                        format!("pool[{i}].rate_limit.{}", key.replace('-', "_")),
+                        "0 would stop all traffic; leave it unset for no limit",
+                    ));
+                }
+            }
+            if pool.network == PoolNetwork::None && pool.rate_limit != RateLimitConfig::default() {
+                return Err(invalid(at("rate_limit"), "the pool has no network"));
             }
             if pool.network != PoolNetwork::None {
                 links += u64::from(pool.size);
@@ -475,6 +525,20 @@ image = "{d}/image.erofs"
         let err = load(&small, dir.path()).unwrap_err().to_string();
         assert!(
             err.contains("network.subnet") && err.contains("need 2"),
+            "{err}"
+        );
+        let limited = format!(
+            "{text}[pool.rate_limit]\nrx_bytes_per_sec = 1048576\ntx_packets_per_sec = 500\n"
+        );
+        let c = load(&limited, dir.path()).unwrap();
+        assert_eq!(
+            c.pools[0].rate_limit.vmm_options(),
+            "rx-bytes-per-sec=1048576,tx-packets-per-sec=500"
+        );
+        let zero = limited.replace("= 500", "= 0");
+        let err = load(&zero, dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("pool[0].rate_limit.tx_packets_per_sec"),
             "{err}"
         );
         let bad = text.replace("deny-all", "open");

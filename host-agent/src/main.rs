@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use host_agent::agent::{Agent, SHUTDOWN_GRACE};
-use host_agent::config::{Config, PoolNetwork};
+use host_agent::config::{Config, PoolNetwork, RateLimitConfig};
 use host_agent::single_shot::{RunOptions, run};
 
 /// Kindling host agent.
@@ -61,6 +61,12 @@ enum Cmd {
         /// Resolver the guest's DNS is DNAT'd to (default: the host's).
         #[arg(long)]
         dns: Option<std::net::Ipv4Addr>,
+        /// Limit of the bytes per second to the guest.
+        #[arg(long)]
+        rx_bytes_per_sec: Option<u64>,
+        /// Limit of the bytes per second from the guest.
+        #[arg(long)]
+        tx_bytes_per_sec: Option<u64>,
     },
     /// Remove what a crashed agent left (VMMs, VM directories, taps, the
     /// nftables table) - the clean-up `serve` runs at start - and exit.
@@ -113,6 +119,8 @@ fn main() -> ExitCode {
                 boot_timeout,
                 network,
                 dns,
+                rx_bytes_per_sec,
+                tx_bytes_per_sec,
             } => {
                 let secrets = match parse_secrets(&secrets) {
                     Ok(s) => s,
@@ -133,6 +141,11 @@ fn main() -> ExitCode {
                     boot_timeout_secs: boot_timeout,
                     network,
                     dns,
+                    rate_limit: RateLimitConfig {
+                        rx_bytes_per_sec,
+                        tx_bytes_per_sec,
+                        ..RateLimitConfig::default()
+                    },
                 };
                 match run(opts).await {
                     Ok(code) => code,

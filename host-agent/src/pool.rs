@@ -234,7 +234,7 @@ async fn attach_network(shared: &Shared, pool: &PoolConfig) -> Result<Option<VmN
         .as_ref()
         .ok_or("pool has a network but the agent's networking is not started")?;
     network
-        .attach(&pool.name, None, String::new())
+        .attach(&pool.name, None, pool.rate_limit.vmm_options())
         .await
         .map(Some)
         .map_err(|e| format!("setting up the VM's network: {e}"))

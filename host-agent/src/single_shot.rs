@@ -21,7 +21,9 @@ use protocol::job::JobSpec;
 use protocol::message::{OutputStream, Secrets};
 
 use crate::agent::Agent;
-use crate::config::{Config, Limits, NetworkConfig, OrchestratorConfig, PoolConfig, PoolNetwork};
+use crate::config::{
+    Config, Limits, NetworkConfig, OrchestratorConfig, PoolConfig, PoolNetwork, RateLimitConfig,
+};
 use crate::pool::CycleReport;
 
 /// What `host-agent run` needs.
@@ -49,6 +51,8 @@ pub struct RunOptions {
     pub network: PoolNetwork,
     /// Resolver for the guest's DNS path (default: the host's).
     pub dns: Option<std::net::Ipv4Addr>,
+    /// The VM's rate limits.
+    pub rate_limit: RateLimitConfig,
 }
 
 /// Runs the job; returns the process exit code (0 succeeded, 1 failed, 2 other).
@@ -126,6 +130,7 @@ pub async fn run(opts: RunOptions) -> Result<i32, String> {
                 PoolNetwork::None
             },
             allow: Vec::new(),
+            rate_limit: opts.rate_limit,
         }],
     };
     config.validate().map_err(|e| e.to_string())?;

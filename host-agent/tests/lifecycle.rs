@@ -108,6 +108,7 @@ async fn world(pools: &[(&str, &[&str], u32)]) -> World {
                 boot_timeout_secs: 20,
                 network: Default::default(),
                 allow: Vec::new(),
+                rate_limit: Default::default(),
             })
             .collect(),
     };

@@ -19,6 +19,7 @@ pub mod loader;
 pub mod logger;
 pub mod machine;
 pub mod memory;
+pub mod rate_limiter;
 pub mod smoke;
 pub mod vcpu;
 pub mod vm;
