@@ -111,7 +111,15 @@ dump() { echo "--- agent log ---"; tail -30 $W/agent.log; }
 # wait_for TENTHS COMMAND...: polls COMMAND every 0.1 s.
 wait_for() { n=$1; shift; while ! "$@"; do n=$((n - 1)); [ $n -gt 0 ] || return 1; sleep 0.1; done; }
 idle() { wget -q -O - http://127.0.0.1:9100/metrics 2>/dev/null | grep -q 'kindling_host_agent_vms{pool="n",state="idle"} 2'; }
-vmms() { n=0; for c in /proc/[0-9]*/comm; do [ "$(cat $c 2>/dev/null)" = vmm ] && n=$((n+1)); done; echo $n; }
+# Live (not zombie) VMM processes.
+vmms() {
+    n=0
+    for p in /proc/[0-9]*; do
+        [ "$(cat $p/comm 2>/dev/null)" = vmm ] || continue
+        [ "$(sed 's/^.*) //' $p/stat 2>/dev/null | cut -d' ' -f1)" = Z ] || n=$((n+1))
+    done
+    echo $n
+}
 state() {
     fact state when=$1 taps=$(ip -o link | grep -c ' kdl') \
         addrs=$(ip -o addr | grep -c '198\.18\.') routes=$(ip route | grep -c '198\.18\.') \
@@ -188,14 +196,22 @@ cat $W/jobs/a.out
 # --- kill -9 of the agent, then the start-up clean-up ---------------------
 wait_for 1800 idle || die "the pool was not replaced"
 state before-crash
-# Stop the VMMs first: they stand for wedged ones (a healthy guest powers
-# off by itself when its agent's channel closes), so the clean-up has
-# processes to kill as well as taps and rules to remove.
-for p in /proc/[0-9]*; do [ "$(cat $p/comm 2>/dev/null)" = vmm ] && kill -STOP ${p#/proc/}; done
-kill -9 $AGENT; sleep 0.5
+# Freeze the VMMs first (cgroup v2 freezer; a stopped process would get
+# SIGHUP once its process group is orphaned): they stand for wedged ones,
+# since a healthy guest powers off by itself when its agent's channel
+# closes, so the clean-up has processes to kill as well as taps and rules.
+mkdir -p /sys/fs/cgroup/wedged || die "no cgroup v2 in the L1"
+for p in /proc/[0-9]*; do
+    [ "$(cat $p/comm 2>/dev/null)" = vmm ] && echo ${p#/proc/} > /sys/fs/cgroup/wedged/cgroup.procs
+done
+echo 1 > /sys/fs/cgroup/wedged/cgroup.freeze
+frozen() { grep -q '^frozen 1' /sys/fs/cgroup/wedged/cgroup.events; }
+wait_for 100 frozen || die "cannot freeze the VMMs"
+kill -9 $AGENT; wait $AGENT 2>/dev/null; sleep 0.5
 state crashed
 host-agent cleanup --config $W/agent.toml; echo "cleanup rc=$?"
 state after-cleanup
+rmdir /sys/fs/cgroup/wedged
 # --- a restart, then a clean stop ------------------------------------------
 RUST_LOG=info host-agent serve --config $W/agent.toml >> $W/agent.log 2>&1 &
 AGENT=$!
@@ -416,6 +432,10 @@ fn two_vms_cannot_reach_each_other_and_a_crashed_agent_leaves_nothing_after_clea
         "the crash must leave something to clean:\n{o}"
     );
     assert!(o.contains("cleanup rc=0"), "{o}");
+    assert!(
+        o.contains("removed 2 VMM process(es), 2 VM director(ies), 2 tap(s)"),
+        "{o}"
+    );
     let nothing = "taps=0 addrs=0 routes=0 table=0 elements=0 vmms=0 dirs=0";
     assert_eq!(state("after-cleanup"), nothing, "{o}");
     assert_eq!(state("restarted"), running, "{o}");
