@@ -3,7 +3,7 @@
 # through a tap, our VMM vs Firecracker (when ../shared/peers/firecracker
 # exists), same kernel, same rootfs, same tap and host path (forwarding +
 # masquerade to a network namespace playing the internet), in the nested
-# harness. The guest (init is a shell script) downloads an 8 MiB file over
+# harness. The guest (init is a shell script) downloads a 32 MiB file over
 # HTTP and then fetches a small file 20 times (each a new TCP connection),
 # timing both with /proc/uptime, and reboots. Prints one table and the
 # ratios. From the repository root: sh scripts/bench-net.sh 3
@@ -46,7 +46,7 @@ EOF
 cat >> "$WORK/scenario.sh" <<'EOF'
 set -u
 ip() { /usr/local/bin/ip "$@"; }
-BIG=$((8 * 1024 * 1024))
+BIG=$((32 * 1024 * 1024))
 mkdir -p /tmp/www
 head -c $BIG /dev/zero > /tmp/www/big
 echo small > /tmp/www/small
@@ -97,7 +97,7 @@ echo
 echo "guest -> internet over a tap, $RUNS runs each, medians (L2 in an L1 under QEMU TCG)"
 echo "| metric                                   | ours  | firecracker |"
 echo "|------------------------------------------|-------|-------------|"
-echo "| HTTP download of 8 MiB (MiB/s)           | $OT | $FT |"
+echo "| HTTP download of 32 MiB (MiB/s)          | $OT | $FT |"
 echo "| new TCP connection + tiny GET (ms each)  | $OL | $FL |"
 if [ "$FT" != "-" ]; then
   echo "$OT $FT $OL $FL" | awk '{printf "ratio ours/firecracker: throughput %.2f (higher is better), latency %.2f (lower is better)\n", $1/$2, $3/$4}'
