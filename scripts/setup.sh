@@ -12,7 +12,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 # linux-image-cloud-amd64: the L1 kernel; its kvm-amd module gives the L1 /dev/kvm.
 # busybox-static: the L1's userland.
 # e2fsprogs: mkfs.ext4 for guest images.
-packages=(qemu-system-x86 linux-image-cloud-amd64 busybox-static e2fsprogs)
+packages=(qemu-system-x86 linux-image-cloud-amd64 busybox-static e2fsprogs
+    nftables iproute2) # nftables, iproute2: the guest-networking nested tests (issue 6)
 
 install_packages() {
     local missing=()

@@ -10,8 +10,9 @@ use protocol::api::VmId;
 use tokio::sync::watch;
 
 use crate::cleanup::remove_leftovers;
-use crate::config::Config;
+use crate::config::{Config, PoolNetwork};
 use crate::metrics::Metrics;
+use crate::net::Network;
 use crate::pool::{CycleReport, Shared, run_slot, vms_dir};
 
 /// Errors that stop the agent from starting.
@@ -28,6 +29,9 @@ pub enum AgentError {
     /// The orchestrator client could not be built.
     #[error("orchestrator client: {0}")]
     Client(#[from] orchestrator::client::ClientError),
+    /// Guest networking could not be set up.
+    #[error("guest networking: {0}")]
+    Network(#[from] crate::net::NetError),
     /// The metrics address could not be bound.
     #[error("metrics endpoint {addr}: {source}")]
     Metrics {
@@ -63,6 +67,7 @@ impl Agent {
             );
         }
         std::fs::create_dir_all(&vms).map_err(state_err)?;
+        let network = start_network(&config).await?;
         let metrics = Arc::new(Metrics::new());
         if let Some(addr) = &config.metrics_listen {
             serve_metrics(addr, Arc::clone(&metrics)).await?;
@@ -70,7 +75,7 @@ impl Agent {
         let client = ApiClient::new(&config.orchestrator.url)?;
         deregister_leftovers(&client, &config, &cleaned.vm_ids).await;
         let (drain, draining) = watch::channel(false);
-        let shared = Arc::new(Shared::new(config, client, metrics, draining));
+        let shared = Arc::new(Shared::new(config, client, metrics, draining, network));
         let mut slots = tokio::task::JoinSet::new();
         for pool in &shared.config.pools {
             for slot in 0..pool.size {
@@ -89,6 +94,9 @@ impl Agent {
         let mut reports = Vec::new();
         while let Some(r) = self.slots.join_next().await {
             reports.extend(r.unwrap_or_default());
+        }
+        if let Some(network) = &self.shared.network {
+            network.shutdown();
         }
         reports
     }
@@ -116,6 +124,12 @@ impl Agent {
             Ok(cleaned) => deregister_leftovers(&self.shared.client, config, &cleaned.vm_ids).await,
             Err(e) => tracing::warn!("final clean-up failed: {e}"),
         }
+        if let Some(network) = &self.shared.network {
+            if let Err(e) = crate::net::remove_leftovers(&config.network.nft, false).await {
+                tracing::warn!("final network clean-up failed: {e}");
+            }
+            network.shutdown();
+        }
         reports
     }
 
@@ -123,6 +137,40 @@ impl Agent {
     pub fn metrics(&self) -> Arc<Metrics> {
         Arc::clone(&self.shared.metrics)
     }
+}
+
+/// The start-up clean-up alone (`host-agent cleanup`): kills leftover
+/// VMMs, removes VM directories, taps and the nftables table, and
+/// deregisters the VMs; returns a one-line summary.
+pub async fn clean_up(config: &Config) -> Result<String, AgentError> {
+    let state_err = |source| AgentError::StateDir {
+        path: config.state_dir.clone(),
+        source,
+    };
+    let cleaned =
+        remove_leftovers(&vms_dir(config), &config.vmm, jail_of(config)).map_err(state_err)?;
+    let net = crate::net::remove_leftovers(&config.network.nft, false).await?;
+    let client = ApiClient::new(&config.orchestrator.url)?;
+    deregister_leftovers(&client, config, &cleaned.vm_ids).await;
+    Ok(format!(
+        "removed {} VMM process(es), {} VM director(ies), {} tap(s) [{}]",
+        cleaned.processes,
+        cleaned.dirs,
+        net.taps.len(),
+        net.taps.join(" ")
+    ))
+}
+
+/// Removes the network leftovers of a previous run and, if a pool has a
+/// network, installs the policy. Without networked pools only the clean-up
+/// runs (and a host without nftables is fine).
+async fn start_network(config: &Config) -> Result<Option<Network>, AgentError> {
+    let networked = config.pools.iter().any(|p| p.network != PoolNetwork::None);
+    if !networked {
+        crate::net::remove_leftovers(&config.network.nft, false).await?;
+        return Ok(None);
+    }
+    Ok(Some(Network::start(config).await?))
 }
 
 /// Deregisters VMs whose directories the clean-up removed: revokes their

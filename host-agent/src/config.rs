@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::net::addressing::{AddressPool, DEFAULT_SUBNET, LINK_PREFIX_LEN};
+use crate::net::policy::AllowRule;
+
 /// Errors loading or validating the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -64,12 +67,65 @@ pub struct Config {
     pub orchestrator: OrchestratorConfig,
     /// What the agent may use of this host, at most.
     pub limits: Limits,
+    /// Guest networking shared by all pools.
+    #[serde(default)]
+    pub network: NetworkConfig,
     /// The VM pools.
     #[serde(rename = "pool")]
     pub pools: Vec<PoolConfig>,
     /// How VMMs are jailed (`[jail]`; on by default).
     #[serde(default)]
     pub jail: crate::jail::JailConfig,
+}
+
+/// `[network]`: host-wide settings of the VMs' network (used only by pools
+/// whose `network` is not `"none"`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// The subnet every VM gets a /30 of (default `198.18.0.0/16`; see
+    /// `net::addressing` for why).
+    #[serde(default = "default_subnet")]
+    pub subnet: ipnet::Ipv4Net,
+    /// The resolver the guests' DNS queries (sent to their gateway) are
+    /// DNAT'd to; default: the host's first non-loopback IPv4 nameserver.
+    #[serde(default)]
+    pub dns: Option<std::net::Ipv4Addr>,
+    /// The `nft` binary.
+    #[serde(default = "default_nft")]
+    pub nft: String,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            subnet: default_subnet(),
+            dns: None,
+            nft: default_nft(),
+        }
+    }
+}
+
+fn default_subnet() -> ipnet::Ipv4Net {
+    DEFAULT_SUBNET.parse().expect("the default subnet parses")
+}
+
+fn default_nft() -> String {
+    "nft".into()
+}
+
+/// A pool's network.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PoolNetwork {
+    /// No network device at all (such VMs also take `network: false` jobs).
+    #[default]
+    None,
+    /// A tap with NAT egress to everything but the forbidden destinations
+    /// (plus the pool's `allow` entries).
+    Nat,
+    /// A tap through which only DNS and the pool's `allow` entries pass.
+    DenyAll,
 }
 
 /// The orchestrator endpoint and this host's credential.
@@ -122,6 +178,51 @@ pub struct PoolConfig {
     /// the host's CPU on relaying at its neighbours' expense.
     #[serde(default = "default_log_kib_per_sec")]
     pub log_kib_per_sec: u64,
+    /// The VMs' network: `"none"` (default), `"nat"` or `"deny-all"`.
+    #[serde(default)]
+    pub network: PoolNetwork,
+    /// Destinations allowed even if forbidden by default (checked first).
+    #[serde(default)]
+    pub allow: Vec<AllowRule>,
+    /// Per-VM bandwidth and packet-rate limits (token buckets in the VMM).
+    #[serde(default)]
+    pub rate_limit: RateLimitConfig,
+}
+
+/// `[pool.rate_limit]`: per-VM limits, per direction (`rx`: to the guest,
+/// `tx`: from it). Unset means unlimited. Bursts are the VMM's default (a
+/// tenth of a second's worth, at least one 64 KiB frame / one packet).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Bytes per second to the guest.
+    pub rx_bytes_per_sec: Option<u64>,
+    /// Bytes per second from the guest.
+    pub tx_bytes_per_sec: Option<u64>,
+    /// Packets per second to the guest.
+    pub rx_packets_per_sec: Option<u64>,
+    /// Packets per second from the guest.
+    pub tx_packets_per_sec: Option<u64>,
+}
+
+impl RateLimitConfig {
+    fn fields(&self) -> [(&'static str, Option<u64>); 4] {
+        [
+            ("rx-bytes-per-sec", self.rx_bytes_per_sec),
+            ("tx-bytes-per-sec", self.tx_bytes_per_sec),
+            ("rx-packets-per-sec", self.rx_packets_per_sec),
+            ("tx-packets-per-sec", self.tx_packets_per_sec),
+        ]
+    }
+
+    /// The VMM's `--net` options for these limits (`key=value,...`).
+    pub fn vmm_options(&self) -> String {
+        self.fields()
+            .iter()
+            .filter_map(|(k, v)| v.map(|v| format!("{k}={v}")))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
 }
 
 fn default_boot_timeout() -> u64 {
@@ -185,7 +286,7 @@ impl Config {
             return Err(invalid("pool", "at least one [[pool]] is required"));
         }
         let mut names = HashSet::new();
-        let (mut vcpus, mut memory) = (0u64, 0u64);
+        let (mut vcpus, mut memory, mut links) = (0u64, 0u64, 0u64);
         for (i, pool) in self.pools.iter().enumerate() {
             let at = |f: &str| format!("pool[{i}].{f}");
             check_identifier(&at("name"), &pool.name)?;
@@ -237,9 +338,44 @@ impl Config {
                     "must be between 1 and 600",
                 ));
             }
+            if pool.network == PoolNetwork::None && !pool.allow.is_empty() {
+                return Err(invalid(
+                    at("allow"),
+                    "needs `network = \"nat\"` or `\"deny-all\"` (the pool has no network)",
+                ));
+            }
+            for (j, rule) in pool.allow.iter().enumerate() {
+                if rule.ports.contains(&0) {
+                    return Err(invalid(
+                        format!("pool[{i}].allow[{j}].ports"),
+                        "port 0 is not a port",
+                    ));
+                }
+                if rule.ports.len() > 64 {
+                    return Err(invalid(
+                        format!("pool[{i}].allow[{j}].ports"),
+                        "at most 64 ports",
+                    ));
+                }
+            }
+            for (key, value) in pool.rate_limit.fields() {
+                if value == Some(0) {
+                    return Err(invalid(
+                        format!("pool[{i}].rate_limit.{}", key.replace('-', "_")),
+                        "0 would stop all traffic; leave it unset for no limit",
+                    ));
+                }
+            }
+            if pool.network == PoolNetwork::None && pool.rate_limit != RateLimitConfig::default() {
+                return Err(invalid(at("rate_limit"), "the pool has no network"));
+            }
+            if pool.network != PoolNetwork::None {
+                links += u64::from(pool.size);
+            }
             vcpus += u64::from(pool.size) * u64::from(pool.vcpus);
             memory += u64::from(pool.size) * u64::from(pool.memory_mib);
         }
+        self.validate_network(links)?;
         if vcpus > u64::from(self.limits.vcpus) {
             return Err(invalid(
                 "limits.vcpus",
@@ -256,6 +392,40 @@ impl Config {
                     "the pools need {memory} MiB but the limit is {}",
                     self.limits.memory_mib
                 ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// `[network]`, given how many VM links the pools need at most.
+    fn validate_network(&self, links: u64) -> Result<(), ConfigError> {
+        let net = &self.network;
+        if let Some(dns) = net.dns
+            && (dns.is_loopback()
+                || dns.is_unspecified()
+                || dns.is_multicast()
+                || dns.is_broadcast())
+        {
+            return Err(invalid(
+                "network.dns",
+                format!(
+                    "{dns} cannot be reached from a VM's tap (a DNAT to loopback is dropped \
+                     as a martian); give a resolver on a real interface"
+                ),
+            ));
+        }
+        if net.nft.is_empty() {
+            return Err(invalid("network.nft", "must name the nft binary"));
+        }
+        let pool =
+            AddressPool::new(net.subnet).map_err(|e| invalid("network.subnet", e.to_string()))?;
+        let capacity = 1u64 << (LINK_PREFIX_LEN - pool.subnet().prefix_len());
+        if links > capacity {
+            return Err(invalid(
+                "network.subnet",
+                format!("holds {capacity} VM links (/30 each) but the pools need {links}"),
             ));
         }
         Ok(())
@@ -365,6 +535,26 @@ image = "{d}/image.erofs"
                 "shutdown_grace_secs = 100000\nvmm = ",
                 "shutdown_grace_secs",
             ),
+            (
+                "[limits]",
+                "[network]\ndns = \"127.0.0.53\"\n[limits]",
+                "network.dns",
+            ),
+            (
+                "[limits]",
+                "[network]\nsubnet = \"198.18.0.0/31\"\n[limits]",
+                "network.subnet",
+            ),
+            (
+                "image.erofs\"",
+                "image.erofs\"\nnetwork = \"none\"\nallow = [{ cidr = \"10.0.0.0/8\" }]",
+                "pool[0].allow",
+            ),
+            (
+                "image.erofs\"",
+                "image.erofs\"\nnetwork = \"nat\"\nallow = [{ cidr = \"10.0.0.0/8\", ports = [0] }]",
+                "pool[0].allow[0].ports",
+            ),
         ];
         for (from, to, field) in cases {
             let text = good.replacen(from, to, 1);
@@ -393,6 +583,46 @@ image = "{d}/image.erofs"
             let text = sample(dir.path()).replace(&image, &block.path().display().to_string());
             load(&text, dir.path()).unwrap();
         }
+    }
+
+    #[test]
+    fn network_settings_parse_and_the_subnet_must_hold_every_vm() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = sample(dir.path()).replace(
+            "[limits]",
+            "[network]\nsubnet = \"10.77.0.0/24\"\ndns = \"192.0.2.53\"\n[limits]",
+        ) + "network = \"deny-all\"\nallow = [{ cidr = \"10.1.0.0/16\", ports = [443] }]\n";
+        let c = load(&text, dir.path()).unwrap();
+        assert_eq!(c.network.subnet.to_string(), "10.77.0.0/24");
+        assert_eq!(c.pools[0].network, PoolNetwork::DenyAll);
+        assert_eq!(c.pools[0].allow[0].ports, [443]);
+        // Defaults: no network, the RFC 2544 subnet.
+        let c = load(&sample(dir.path()), dir.path()).unwrap();
+        assert_eq!(c.pools[0].network, PoolNetwork::None);
+        assert_eq!(c.network.subnet.to_string(), "198.18.0.0/16");
+        // Two VMs need two /30s: a /30 holds one.
+        let small = text.replace("10.77.0.0/24", "10.77.0.0/30");
+        let err = load(&small, dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("network.subnet") && err.contains("need 2"),
+            "{err}"
+        );
+        let limited = format!(
+            "{text}[pool.rate_limit]\nrx_bytes_per_sec = 1048576\ntx_packets_per_sec = 500\n"
+        );
+        let c = load(&limited, dir.path()).unwrap();
+        assert_eq!(
+            c.pools[0].rate_limit.vmm_options(),
+            "rx-bytes-per-sec=1048576,tx-packets-per-sec=500"
+        );
+        let zero = limited.replace("= 500", "= 0");
+        let err = load(&zero, dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("pool[0].rate_limit.tx_packets_per_sec"),
+            "{err}"
+        );
+        let bad = text.replace("deny-all", "open");
+        assert!(load(&bad, dir.path()).is_err());
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! process, vsock channel), [`relay`] (one job on one VM), [`sink`] (the
 //! orchestrator as the relay's event sink), [`pool`] (a slot's VM cycle),
 //! [`agent`] (the daemon), [`cleanup`] (what a crashed run left),
-//! [`metrics`], [`single_shot`] (`host-agent run job.yaml`).
+//! [`metrics`], [`net`] (taps, addresses and the nftables policy),
+//! [`single_shot`] (`host-agent run job.yaml`).
 
 pub mod agent;
 pub mod cleanup;
@@ -13,6 +14,7 @@ pub mod config;
 pub mod jail;
 pub mod log_rate;
 pub mod metrics;
+pub mod net;
 pub mod pool;
 pub mod relay;
 pub mod single_shot;

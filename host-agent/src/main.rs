@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use host_agent::agent::Agent;
-use host_agent::config::Config;
+use host_agent::config::{Config, PoolNetwork, RateLimitConfig};
 use host_agent::single_shot::{RunOptions, run};
 
 /// Kindling host agent.
@@ -58,7 +58,36 @@ enum Cmd {
         /// (debugging only: no uid, namespace, cgroup or chroot confinement).
         #[arg(long)]
         no_jail: bool,
+        /// The VM's network: none, nat or deny-all (a job with
+        /// `network: false` gets none whatever this says).
+        #[arg(long, default_value = "none", value_parser = parse_network)]
+        network: PoolNetwork,
+        /// Resolver the guest's DNS is DNAT'd to (default: the host's).
+        #[arg(long)]
+        dns: Option<std::net::Ipv4Addr>,
+        /// Limit of the bytes per second to the guest.
+        #[arg(long)]
+        rx_bytes_per_sec: Option<u64>,
+        /// Limit of the bytes per second from the guest.
+        #[arg(long)]
+        tx_bytes_per_sec: Option<u64>,
     },
+    /// Remove what a crashed agent left (VMMs, VM directories, taps, the
+    /// nftables table) - the clean-up `serve` runs at start - and exit.
+    Cleanup {
+        /// TOML configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn parse_network(s: &str) -> Result<PoolNetwork, String> {
+    match s {
+        "none" => Ok(PoolNetwork::None),
+        "nat" => Ok(PoolNetwork::Nat),
+        "deny-all" => Ok(PoolNetwork::DenyAll),
+        _ => Err(format!("{s:?}: expected none, nat or deny-all")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -81,6 +110,7 @@ fn main() -> ExitCode {
     let code = runtime.block_on(async {
         match cli.command {
             Cmd::Serve { config } => serve(config).await,
+            Cmd::Cleanup { config } => cleanup(config).await,
             Cmd::Run {
                 job,
                 secrets,
@@ -92,6 +122,10 @@ fn main() -> ExitCode {
                 state_dir,
                 boot_timeout,
                 no_jail,
+                network,
+                dns,
+                rx_bytes_per_sec,
+                tx_bytes_per_sec,
             } => {
                 let secrets = match parse_secrets(&secrets) {
                     Ok(s) => s,
@@ -111,6 +145,13 @@ fn main() -> ExitCode {
                     state_dir,
                     boot_timeout_secs: boot_timeout,
                     jail: !no_jail,
+                    network,
+                    dns,
+                    rate_limit: RateLimitConfig {
+                        rx_bytes_per_sec,
+                        tx_bytes_per_sec,
+                        ..RateLimitConfig::default()
+                    },
                 };
                 match run(opts).await {
                     Ok(code) => code,
@@ -146,6 +187,26 @@ async fn serve(path: PathBuf) -> i32 {
     tracing::info!("stopping: no new jobs, {grace:?} for running ones");
     agent.shutdown(grace).await;
     0
+}
+
+async fn cleanup(path: PathBuf) -> i32 {
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("host-agent: {e}");
+            return 2;
+        }
+    };
+    match host_agent::agent::clean_up(&config).await {
+        Ok(summary) => {
+            println!("{summary}");
+            0
+        }
+        Err(e) => {
+            eprintln!("host-agent: {e}");
+            2
+        }
+    }
 }
 
 fn parse_secrets(specs: &[String]) -> Result<Vec<(String, String)>, String> {

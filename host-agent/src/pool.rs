@@ -20,9 +20,10 @@ use protocol::message::{Job, JobResult};
 use tokio::sync::watch;
 
 use crate::cleanup::record_vm_id;
-use crate::config::{Config, PoolConfig};
+use crate::config::{Config, PoolConfig, PoolNetwork};
 use crate::log_rate::LogRateLimit;
 use crate::metrics::Metrics;
+use crate::net::{Network, VmNetwork};
 use crate::relay::run_job;
 use crate::sink::OrchestratorSink;
 use crate::vm::{BASE_CMDLINE, RunningVm, VmSpec};
@@ -68,6 +69,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Becomes `true` when the agent stops taking jobs.
     pub draining: watch::Receiver<bool>,
+    /// Guest networking (taps, addresses, policy), if any pool has a network.
+    pub network: Option<Network>,
     next_cid: AtomicU32,
 }
 
@@ -78,12 +81,14 @@ impl Shared {
         client: ApiClient,
         metrics: Arc<Metrics>,
         draining: watch::Receiver<bool>,
+        network: Option<Network>,
     ) -> Self {
         Self {
             config,
             client,
             metrics,
             draining,
+            network,
             next_cid: AtomicU32::new(protocol::ports::FIRST_GUEST_CID),
         }
     }
@@ -130,6 +135,7 @@ async fn register(shared: &Shared, pool: &PoolConfig) -> Result<(VmId, VmToken),
     let request = RegisterVmRequest {
         host_id: shared.config.host_id.clone(),
         labels: pool.labels.clone(),
+        network: pool.network != PoolNetwork::None,
     };
     let response = shared
         .client
@@ -165,22 +171,36 @@ async fn cycle(shared: &Shared, pool: &PoolConfig, slot: u32) -> CycleReport {
     };
     report.vm_name = format!("{}-{slot}-{}", pool.name, short(&vm_id.0));
     let cid = shared.cid();
+    let jail = shared.config.jail.enabled.then(|| {
+        shared
+            .config
+            .jail
+            .for_vm(&report.vm_name, cid, pool.vcpus, pool.memory_mib)
+    });
+    // The jailed VMM opens its tap by name as its own uid.
+    let owner = jail.as_ref().map(|j| (j.uid, j.gid));
+    let network = match attach_network(shared, pool, owner).await {
+        Ok(network) => network,
+        Err(e) => {
+            deregister(shared, &vm_id).await;
+            report.failure = Some(e);
+            return report;
+        }
+    };
+    let mut cmdline = format!("{BASE_CMDLINE} {}", pool.cmdline_extra);
+    if let Some(net) = &network {
+        cmdline = format!("{cmdline} {}", net.kernel_param());
+    }
     let spec = VmSpec {
         name: report.vm_name.clone(),
         vcpus: pool.vcpus,
         memory_mib: pool.memory_mib,
         kernel: pool.kernel.clone(),
         image: pool.image.clone(),
-        cmdline: format!("{BASE_CMDLINE} {}", pool.cmdline_extra)
-            .trim()
-            .to_string(),
+        cmdline: cmdline.trim().to_string(),
         cid,
-        jail: shared.config.jail.enabled.then(|| {
-            shared
-                .config
-                .jail
-                .for_vm(&report.vm_name, cid, pool.vcpus, pool.memory_mib)
-        }),
+        jail,
+        network: network.clone(),
     };
     let metrics = &shared.metrics;
     metrics.vm_state(&pool.name, "booting", 1);
@@ -190,6 +210,7 @@ async fn cycle(shared: &Shared, pool: &PoolConfig, slot: u32) -> CycleReport {
         Ok(vm) => vm,
         Err(e) => {
             metrics.vm_state(&pool.name, "booting", -1);
+            detach_network(shared, network.as_ref()).await;
             deregister(shared, &vm_id).await;
             report.failure = Some(e.to_string());
             return report;
@@ -205,12 +226,39 @@ async fn cycle(shared: &Shared, pool: &PoolConfig, slot: u32) -> CycleReport {
     }
     let t = Instant::now();
     vm.destroy().await;
+    detach_network(shared, network.as_ref()).await;
     deregister(shared, &vm_id).await;
     let teardown = t.elapsed();
     metrics.teardown_seconds.observe(teardown.as_secs_f64());
     report.teardown = Some(teardown);
     tracing::info!(vm = %report.vm_name, teardown_ms = teardown.as_millis() as u64, "VM destroyed");
     report
+}
+
+/// The VM's tap, address and policy, if its pool has a network.
+async fn attach_network(
+    shared: &Shared,
+    pool: &PoolConfig,
+    owner: Option<(u32, u32)>,
+) -> Result<Option<VmNetwork>, String> {
+    if pool.network == PoolNetwork::None {
+        return Ok(None);
+    }
+    let network = shared
+        .network
+        .as_ref()
+        .ok_or("pool has a network but the agent's networking is not started")?;
+    network
+        .attach(&pool.name, owner, pool.rate_limit.vmm_options())
+        .await
+        .map(Some)
+        .map_err(|e| format!("setting up the VM's network: {e}"))
+}
+
+async fn detach_network(shared: &Shared, network: Option<&VmNetwork>) {
+    if let (Some(net), Some(vm_net)) = (&shared.network, network) {
+        net.detach(vm_net).await;
+    }
 }
 
 /// Boot, wait for a job, run it. Keeps the per-state gauge in step.

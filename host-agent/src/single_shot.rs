@@ -21,7 +21,9 @@ use protocol::job::JobSpec;
 use protocol::message::{OutputStream, Secrets};
 
 use crate::agent::Agent;
-use crate::config::{Config, Limits, OrchestratorConfig, PoolConfig};
+use crate::config::{
+    Config, Limits, NetworkConfig, OrchestratorConfig, PoolConfig, PoolNetwork, RateLimitConfig,
+};
 use crate::pool::CycleReport;
 
 /// What `host-agent run` needs.
@@ -47,6 +49,12 @@ pub struct RunOptions {
     pub boot_timeout_secs: u64,
     /// Start the VMM through the jailer (on unless `--no-jail`).
     pub jail: bool,
+    /// The VM's network (a job with `network: false` gets none).
+    pub network: PoolNetwork,
+    /// Resolver for the guest's DNS path (default: the host's).
+    pub dns: Option<std::net::Ipv4Addr>,
+    /// The VM's rate limits.
+    pub rate_limit: RateLimitConfig,
 }
 
 /// Runs the job; returns the process exit code (0 succeeded, 1 failed, 2 other).
@@ -97,6 +105,10 @@ pub async fn run(opts: RunOptions) -> Result<i32, String> {
         vmm: opts.vmm.clone(),
         metrics_listen: None,
         shutdown_grace_secs: 0,
+        network: NetworkConfig {
+            dns: opts.dns,
+            ..NetworkConfig::default()
+        },
         orchestrator: OrchestratorConfig {
             url: url.clone(),
             host_credential,
@@ -117,6 +129,13 @@ pub async fn run(opts: RunOptions) -> Result<i32, String> {
             boot_timeout_secs: opts.boot_timeout_secs,
             // One job, no neighbours to protect.
             log_kib_per_sec: 0,
+            network: if spec.network {
+                opts.network
+            } else {
+                PoolNetwork::None
+            },
+            allow: Vec::new(),
+            rate_limit: opts.rate_limit,
         }],
         jail: crate::jail::JailConfig {
             enabled: opts.jail,

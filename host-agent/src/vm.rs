@@ -95,6 +95,16 @@ pub struct VmSpec {
     pub cid: u32,
     /// The jail the VMM runs in (`None`: started directly, unconfined).
     pub jail: Option<JailSpec>,
+    /// Its network device, if it has one (the tap exists already).
+    pub network: Option<crate::net::VmNetwork>,
+}
+
+/// The VMM arguments of the VM's network device (none without one).
+fn network_args(spec: &VmSpec) -> Vec<String> {
+    match &spec.network {
+        Some(net) => vec!["--net".into(), net.vmm_arg()],
+        None => Vec::new(),
+    }
 }
 
 /// The base kernel command line of every VM: serial console, reset through
@@ -130,7 +140,7 @@ impl RunningVm {
             .map_err(prep("binding the runner-agent socket"))?;
         let log = std::fs::File::create(dir.join("vmm.log")).map_err(prep("creating vmm.log"))?;
         let log2 = log.try_clone().map_err(prep("creating vmm.log"))?;
-        let args: Vec<std::ffi::OsString> = vec![
+        let mut args: Vec<std::ffi::OsString> = vec![
             "--kernel".into(),
             spec.kernel.clone().into(),
             "--cmdline".into(),
@@ -148,6 +158,7 @@ impl RunningVm {
             format!("file:{}", dir.join("serial.log").display()).into(),
             "--boot-timer".into(),
         ];
+        args.extend(network_args(&spec).into_iter().map(Into::into));
         let (program, args) = match &spec.jail {
             Some(jail) => {
                 let sockets = [host_listener_path(&uds, RUNNER_AGENT_PORT)];
@@ -255,6 +266,13 @@ fn jailed_command(
     jail.prepare_dir(dir, sockets)?;
     let mount_point = state_dir.join("jail-root");
     let read_only = [spec.kernel.as_path(), spec.image.as_path()];
+    // A VM with a network opens its tap (owned by its uid) through
+    // /dev/net/tun.
+    let devices: &[&str] = if spec.network.is_some() {
+        &["kvm", "tun"]
+    } else {
+        &["kvm"]
+    };
     Ok(jail.command(&crate::jail::JailedVmm {
         id: &spec.name,
         mount_point: &mount_point,
@@ -262,7 +280,7 @@ fn jailed_command(
         args,
         read_only: &read_only,
         dir,
-        devices: &["kvm"],
+        devices,
     }))
 }
 

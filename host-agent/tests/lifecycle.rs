@@ -86,6 +86,7 @@ async fn world(pools: &[(&str, &[&str], u32)]) -> World {
         vmm: fake_vmm(dir.path()),
         metrics_listen: None,
         shutdown_grace_secs: 60,
+        network: Default::default(),
         orchestrator: OrchestratorConfig {
             url: url.clone(),
             host_credential: HOST.into(),
@@ -107,6 +108,9 @@ async fn world(pools: &[(&str, &[&str], u32)]) -> World {
                 cmdline_extra: String::new(),
                 boot_timeout_secs: 20,
                 log_kib_per_sec: 0,
+                network: Default::default(),
+                allow: Vec::new(),
+                rate_limit: Default::default(),
             })
             .collect(),
         // A script stands in for the VMM here: no jail.

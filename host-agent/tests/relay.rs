@@ -49,6 +49,7 @@ fn spec(dir: &Path) -> VmSpec {
         cmdline: "console=ttyS0".into(),
         cid: 3,
         jail: None,
+        network: None,
     }
 }
 

@@ -276,7 +276,7 @@ impl<H: Clone> Registry<H> {
         self.vms.insert(
             vm_id.clone(),
             VmEntry {
-                labels: request.labels.clone(),
+                labels: request.matching_labels(),
                 token: Secret::new(token.0.clone()),
                 phase: VmPhase::Idle,
                 last_seen: now,

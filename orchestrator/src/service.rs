@@ -323,7 +323,7 @@ impl Orchestrator {
             log: AsyncMutex::new(log),
             progress: watch::channel(Progress::default()).0,
         });
-        let runs_on = request.spec.runs_on.clone();
+        let runs_on = request.spec.required_labels();
         let submitted = self
             .registry()
             .submit(job, runs_on.clone(), handle, Instant::now());

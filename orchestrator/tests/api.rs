@@ -501,6 +501,7 @@ async fn credentials_are_not_interchangeable() {
     let request = protocol::api::RegisterVmRequest {
         host_id: "h".into(),
         labels: vec!["linux".into()],
+        network: true,
     };
     let err = client.register_vm(CLIENT, &request).await.unwrap_err();
     assert_eq!(status_of(&err), StatusCode::UNAUTHORIZED);

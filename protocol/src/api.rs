@@ -113,6 +113,32 @@ pub struct RegisterVmRequest {
     /// Labels of the VM's pool; a job runs here only if its `runs-on` labels
     /// are all among these.
     pub labels: Vec<String>,
+    /// Whether the VM has a network device (default `true`). Only VMs
+    /// without one take jobs that ask for `network: false`.
+    #[serde(default = "has_network_default")]
+    pub network: bool,
+}
+
+fn has_network_default() -> bool {
+    true
+}
+
+/// The label the orchestrator adds, on both sides of matching, for VMs
+/// without a network device and for jobs that ask for `network: false`.
+/// It contains `/`, which user labels cannot (they are identifiers), so no
+/// job or pool can claim it by naming it.
+pub const NO_NETWORK_LABEL: &str = "kindling/no-network";
+
+impl RegisterVmRequest {
+    /// The labels to match jobs against: the pool's, plus
+    /// [`NO_NETWORK_LABEL`] when the VM has no network device.
+    pub fn matching_labels(&self) -> Vec<String> {
+        let mut labels = self.labels.clone();
+        if !self.network {
+            labels.push(NO_NETWORK_LABEL.to_string());
+        }
+        labels
+    }
 }
 
 impl RegisterVmRequest {

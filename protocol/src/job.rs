@@ -12,6 +12,7 @@
 //!     working-directory: src   # optional
 //!     env: { RUST_LOG: debug } # optional
 //!     timeout-minutes: 5       # optional, at most the job's timeout
+//! network: false               # optional: run in a VM without any network device
 //! ```
 //!
 //! Unknown fields are errors (a misspelt `timeout-minute` must not silently
@@ -53,6 +54,19 @@ pub struct JobSpec {
     pub env: BTreeMap<String, String>,
     /// Steps, run in order until one fails.
     pub steps: Vec<StepSpec>,
+    /// Whether the job may have a network device (default `true`).
+    /// `network: false` is a guarantee: the job only runs in a VM that was
+    /// booted without any network device.
+    #[serde(default = "network_default", skip_serializing_if = "is_true")]
+    pub network: bool,
+}
+
+fn network_default() -> bool {
+    true
+}
+
+fn is_true(value: &bool) -> bool {
+    *value
 }
 
 /// One step of a [`JobSpec`].
@@ -137,6 +151,17 @@ impl JobSpec {
         de.end().map_err(|err| syntax(".".into(), err))?;
         spec.validate()?;
         Ok(spec)
+    }
+
+    /// The labels a VM must have to run the job: `runs-on`, plus
+    /// [`crate::api::NO_NETWORK_LABEL`] when the job asks for `network: false`
+    /// (only VMs booted without a network device carry it).
+    pub fn required_labels(&self) -> Vec<String> {
+        let mut labels = self.runs_on.clone();
+        if !self.network {
+            labels.push(crate::api::NO_NETWORK_LABEL.to_string());
+        }
+        labels
     }
 
     /// The job's timeout in minutes, default applied.

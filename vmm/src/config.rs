@@ -12,6 +12,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::rate_limiter::{BucketConfig, RateLimit};
+
 /// Highest number of vCPUs (the guest kernel is built with NR_CPUS=32).
 pub const MAX_VCPUS: u8 = 32;
 /// Smallest guest memory accepted, in MiB.
@@ -253,25 +255,89 @@ pub struct NetConfig {
     pub tap: String,
     /// The guest's MAC address.
     pub mac: MacAddress,
+    /// Limits of the frames to the guest (host -> guest).
+    #[serde(default, skip_serializing_if = "RateLimit::is_unlimited")]
+    pub rx_limit: RateLimit,
+    /// Limits of the frames from the guest (guest -> host).
+    #[serde(default, skip_serializing_if = "RateLimit::is_unlimited")]
+    pub tx_limit: RateLimit,
+}
+
+/// Smallest byte burst: the largest frame must fit, or it would never pass.
+pub const MIN_BYTE_BURST: u64 = crate::devices::virtio::net::MAX_FRAME as u64;
+
+/// The burst a rate gets when none is given: a tenth of a second's worth,
+/// at least [`MIN_BYTE_BURST`] bytes / one frame.
+fn default_burst(rate: u64, min: u64) -> u64 {
+    (rate / 10).max(min)
 }
 
 impl FromStr for NetConfig {
     type Err = String;
 
-    /// Parses `tap=NAME,mac=aa:bb:cc:dd:ee:ff`.
+    /// Parses `tap=NAME,mac=aa:bb:cc:dd:ee:ff` plus optional limits per
+    /// direction (`rx` to the guest, `tx` from it):
+    /// `{rx,tx}-bytes-per-sec=N`, `{rx,tx}-bytes-burst=N`,
+    /// `{rx,tx}-packets-per-sec=N`, `{rx,tx}-packets-burst=N`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut tap = None;
         let mut mac = None;
+        // [rx, tx] x [bytes rate, bytes burst, packets rate, packets burst]
+        let mut limits = [[None::<u64>; 4]; 2];
         for (key, value) in key_values(s)? {
+            let number = |v: Option<&str>| -> Result<u64, String> {
+                let v = v.ok_or(format!("`{key}` needs a value"))?;
+                v.parse::<u64>().map_err(|e| format!("`{key}={v}`: {e}"))
+            };
+            let limit_slot = |key: &str| -> Option<(usize, usize)> {
+                let (dir, rest) = key.split_once('-')?;
+                let d = ["rx", "tx"].iter().position(|x| *x == dir)?;
+                let k = [
+                    "bytes-per-sec",
+                    "bytes-burst",
+                    "packets-per-sec",
+                    "packets-burst",
+                ]
+                .iter()
+                .position(|x| *x == rest)?;
+                Some((d, k))
+            };
             match (key, value) {
                 ("tap", Some(v)) => tap = Some(v.to_string()),
                 ("mac", Some(v)) => mac = Some(v.parse()?),
-                _ => return Err(format!("unknown key `{key}` (expected tap, mac)")),
+                _ => match limit_slot(key) {
+                    Some((d, k)) => limits[d][k] = Some(number(value)?),
+                    None => {
+                        return Err(format!(
+                            "unknown key `{key}` (expected tap, mac, \
+                             {{rx,tx}}-{{bytes,packets}}-{{per-sec,burst}})"
+                        ));
+                    }
+                },
             }
         }
+        let direction = |l: [Option<u64>; 4], dir: &str| -> Result<RateLimit, String> {
+            let bucket =
+                |rate: Option<u64>, burst: Option<u64>, what: &str, min: u64| match (rate, burst) {
+                    (None, None) => Ok(None),
+                    (None, Some(_)) => {
+                        Err(format!("`{dir}-{what}-burst` needs `{dir}-{what}-per-sec`"))
+                    }
+                    (Some(rate), burst) => Ok(Some(BucketConfig {
+                        rate,
+                        burst: burst.unwrap_or_else(|| default_burst(rate, min)),
+                    })),
+                };
+            Ok(RateLimit {
+                bytes: bucket(l[0], l[1], "bytes", MIN_BYTE_BURST)?,
+                ops: bucket(l[2], l[3], "packets", 1)?,
+            })
+        };
         Ok(Self {
             tap: tap.ok_or("missing `tap=`")?,
             mac: mac.ok_or("missing `mac=`")?,
+            rx_limit: direction(limits[0], "rx")?,
+            tx_limit: direction(limits[1], "tx")?,
         })
     }
 }
@@ -488,6 +554,31 @@ fn validate_net(index: usize, net: &NetConfig) -> Result<(), ConfigError> {
             format!("{} is a multicast address", net.mac),
         ));
     }
+    for (dir, limit) in [("rx", &net.rx_limit), ("tx", &net.tx_limit)] {
+        let buckets = [
+            ("bytes", limit.bytes, MIN_BYTE_BURST),
+            ("packets", limit.ops, 1),
+        ];
+        for (what, bucket, min_burst) in buckets {
+            let Some(b) = bucket else { continue };
+            let field = format!("net[{index}].{dir}_limit.{what}");
+            if b.rate == 0 {
+                return Err(invalid(
+                    field,
+                    "a rate of 0 would stop all traffic; leave it unset for no limit",
+                ));
+            }
+            if b.burst < min_burst {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "burst {} is below {min_burst} (the largest frame must fit in it)",
+                        b.burst
+                    ),
+                ));
+            }
+        }
+    }
     Ok(())
 }
 
@@ -619,6 +710,60 @@ mod tests {
         cfg.net[0].tap = "tap0".into();
         cfg.net[0].mac = "03:00:00:00:00:01".parse().unwrap();
         assert_eq!(field_of(cfg.validate().unwrap_err()), "net[0].mac");
+        cfg.net[0].mac = "02:00:00:00:00:01".parse().unwrap();
+        cfg.net[0].tx_limit.bytes = Some(BucketConfig {
+            rate: 0,
+            burst: 1 << 20,
+        });
+        assert_eq!(
+            field_of(cfg.validate().unwrap_err()),
+            "net[0].tx_limit.bytes"
+        );
+        cfg.net[0].tx_limit.bytes = Some(BucketConfig {
+            rate: 1000,
+            burst: 1500,
+        });
+        assert_eq!(
+            field_of(cfg.validate().unwrap_err()),
+            "net[0].tx_limit.bytes"
+        );
+        cfg.net[0].tx_limit.bytes = Some(BucketConfig {
+            rate: 1000,
+            burst: MIN_BYTE_BURST,
+        });
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn rate_limits_parse_per_direction_with_default_bursts() {
+        let n: NetConfig = "tap=t,mac=02:00:00:00:00:01,rx-bytes-per-sec=1048576,\
+            tx-packets-per-sec=100,tx-packets-burst=5"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            n.rx_limit.bytes,
+            Some(BucketConfig {
+                rate: 1 << 20,
+                burst: MIN_BYTE_BURST.max((1 << 20) / 10)
+            })
+        );
+        assert_eq!(n.rx_limit.ops, None);
+        assert_eq!(
+            n.tx_limit.ops,
+            Some(BucketConfig {
+                rate: 100,
+                burst: 5
+            })
+        );
+        assert!(n.tx_limit.bytes.is_none());
+        for bad in [
+            "tap=t,mac=02:00:00:00:00:01,rx-bytes-per-sec=x",
+            "tap=t,mac=02:00:00:00:00:01,rx-bytes-burst=100000",
+            "tap=t,mac=02:00:00:00:00:01,up-bytes-per-sec=1",
+            "tap=t,mac=02:00:00:00:00:01,rx-bytes-per-sec",
+        ] {
+            assert!(bad.parse::<NetConfig>().is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod loader;
 pub mod logger;
 pub mod machine;
 pub mod memory;
+pub mod rate_limiter;
 pub mod seccomp;
 pub mod smoke;
 #[cfg(feature = "test-hooks")]

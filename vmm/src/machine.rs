@@ -121,6 +121,14 @@ pub enum MachineError {
         /// The error.
         source: TapError,
     },
+    /// A network device's rate limiter could not be set up.
+    #[error("net[{index}] rate limiter: {source}")]
+    RateLimiter {
+        /// Position in the configuration.
+        index: usize,
+        /// The error.
+        source: crate::rate_limiter::RateLimiterError,
+    },
     /// The vsock host socket could not be set up.
     #[error("vsock: {0}")]
     Vsock(MuxerError),
@@ -274,7 +282,10 @@ impl Machine {
         }
         for (index, net) in config.net.iter().enumerate() {
             let tap = Tap::open(&net.tap).map_err(|source| MachineError::Tap { index, source })?;
-            placer.add(Box::new(Net::new(Box::new(tap), net.mac)))?;
+            let device = Net::new(Box::new(tap), net.mac)
+                .with_limits(net.rx_limit, net.tx_limit)
+                .map_err(|source| MachineError::RateLimiter { index, source })?;
+            placer.add(Box::new(device))?;
         }
         if let Some(vsock) = &config.vsock {
             let device = Vsock::new(u64::from(vsock.guest_cid), &vsock.uds_path)

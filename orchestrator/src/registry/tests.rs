@@ -62,6 +62,7 @@ impl Fixture {
         let request = RegisterVmRequest {
             host_id: "host-1".into(),
             labels: labels(vm_labels),
+            network: true,
         };
         let response = self.reg.register_vm(&request, self.now).unwrap();
         (response.vm_id, response.token)
@@ -185,6 +186,45 @@ fn submitted_job_goes_to_first_waiting_vm_with_matching_labels() {
     assert_eq!(f.reg.counts().waiting_vms, 1);
     f.submit("j2", &["linux"]);
     assert_eq!(f.poll(&arm, arm_ticket, false), Some(jid("j2")));
+}
+
+#[test]
+fn a_no_network_job_only_goes_to_a_vm_without_a_network_device() {
+    let mut f = Fixture::new();
+    let (net, net_token) = f.register(&["linux"]);
+    let request = RegisterVmRequest {
+        host_id: "host-1".into(),
+        labels: labels(&["linux"]),
+        network: false,
+    };
+    let offline = f.reg.register_vm(&request, f.now).unwrap();
+    let (offline, offline_token) = (offline.vm_id, offline.token);
+    let net_ticket = f.wait(&net, &net_token);
+    // What `SubmitJobRequest` turns `network: false` into.
+    let spec = protocol::job::JobSpec::from_yaml(
+        "name: j\nruns-on: linux\nnetwork: false\nsteps: [{run: x}]\n",
+    )
+    .unwrap();
+    let required = spec.required_labels();
+    let required: Vec<&str> = required.iter().map(String::as_str).collect();
+    f.submit("offline-job", &required);
+    assert_eq!(
+        f.poll(&net, net_ticket, false),
+        None,
+        "a VM with a network device took it"
+    );
+    assert_eq!(f.acquire_now(&offline, &offline_token), jid("offline-job"));
+    // An ordinary job may run on either kind of VM.
+    f.submit("any", &["linux"]);
+    assert_eq!(f.poll(&net, net_ticket, false), Some(jid("any")));
+    // A user label cannot name the reserved one.
+    assert!(
+        protocol::job::JobSpec::from_yaml(&format!(
+            "name: j\nruns-on: [{}]\nsteps: [{{run: x}}]\n",
+            protocol::api::NO_NETWORK_LABEL
+        ))
+        .is_err()
+    );
 }
 
 #[test]
@@ -558,6 +598,7 @@ fn bounds_on_vms_waiting_vms_and_queue() {
     let request = RegisterVmRequest {
         host_id: "h".into(),
         labels: labels(&["linux"]),
+        network: true,
     };
     assert!(matches!(
         f.reg.register_vm(&request, f.now),
@@ -582,6 +623,7 @@ fn registration_is_validated() {
     let request = RegisterVmRequest {
         host_id: "host/1".into(),
         labels: vec![],
+        network: true,
     };
     let err = f.reg.register_vm(&request, f.now).unwrap_err();
     let text = err.to_string();

@@ -157,6 +157,7 @@ impl FakeVm {
         let request = RegisterVmRequest {
             host_id: "test-host".into(),
             labels: labels.clone(),
+            network: true,
         };
         let response = client.register_vm(HOST, &request).await.unwrap();
         Self {

@@ -33,6 +33,7 @@ fn every_body_round_trips_through_json() {
     round_trip(&RegisterVmRequest {
         host_id: "host-1".into(),
         labels: vec!["linux".into(), "x64".into()],
+        network: true,
     });
     round_trip(&RegisterVmResponse {
         vm_id: VmId("vm-1".into()),
@@ -186,11 +187,13 @@ fn register_request_is_validated() {
     let ok = RegisterVmRequest {
         host_id: "host-1".into(),
         labels: vec!["linux".into()],
+        network: true,
     };
     ok.validate().unwrap();
     let bad = RegisterVmRequest {
         host_id: "host/1".into(),
         labels: vec![],
+        network: true,
     };
     let err = bad.validate().unwrap_err();
     assert!(err.contains("host_id", &Problem::BadIdentifier), "{err}");

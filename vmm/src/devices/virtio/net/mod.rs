@@ -11,6 +11,14 @@
 //! tap is not watched (the kernel queues or drops, as a NIC would). Frames
 //! that do not fit the buffer, and TX chains that are too short or too
 //! long, are dropped and counted.
+//!
+//! Rate limits (optional, per direction; see [`crate::rate_limiter`]): a TX
+//! chain is charged before its frame is written to the tap; if refused, the
+//! chain goes back to the queue and TX stops until the limiter's timer
+//! fires. An RX frame is charged after it is read from the tap (its size is
+//! unknown before); if refused, it is kept in the device (`rx_pending`), the
+//! tap is no longer watched, and it is delivered first when the timer fires.
+//! A blocked direction therefore costs no CPU and loses no frame.
 
 pub mod tap;
 
@@ -27,6 +35,7 @@ use super::{
 use crate::config::MacAddress;
 use crate::event_loop::Registrar;
 use crate::memory::GuestMemory;
+use crate::rate_limiter::{RateLimit, RateLimiter, RateLimiterError};
 
 /// Virtio device id of a network card.
 pub const VIRTIO_ID_NET: u32 = 1;
@@ -42,6 +51,10 @@ const RX_QUEUE: usize = 0;
 const TX_QUEUE: usize = 1;
 /// Sub-token of the tap fd.
 const TAP_TOKEN: u32 = FIRST_BACKEND_TOKEN;
+/// Sub-token of the RX limiter's timer.
+const RX_TIMER_TOKEN: u32 = FIRST_BACKEND_TOKEN + 1;
+/// Sub-token of the TX limiter's timer.
+const TX_TIMER_TOKEN: u32 = FIRST_BACKEND_TOKEN + 2;
 
 /// Frame counters.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +65,8 @@ pub struct NetCounters {
     pub tx_frames: u64,
     /// Frames dropped (too big, malformed chains, tap errors).
     pub dropped: u64,
+    /// Times a direction was held back by its rate limiter.
+    pub throttled: u64,
 }
 
 /// The network device.
@@ -59,19 +74,61 @@ pub struct Net {
     backend: Box<dyn FrameDevice>,
     mac: MacAddress,
     frame: Vec<u8>,
+    rx_frame: Vec<u8>,
+    /// Length of a frame in `rx_frame` read from the tap but held back by
+    /// the RX limiter.
+    rx_pending: Option<usize>,
+    rx_limiter: Option<RateLimiter>,
+    tx_limiter: Option<RateLimiter>,
     watching_tap: bool,
     counters: NetCounters,
 }
 
 impl Net {
-    /// A device with MAC `mac` on `backend`.
+    /// A device with MAC `mac` on `backend`, without rate limits.
     pub fn new(backend: Box<dyn FrameDevice>, mac: MacAddress) -> Self {
         Self {
             backend,
             mac,
             frame: vec![0; MAX_FRAME],
+            rx_frame: vec![0; MAX_FRAME],
+            rx_pending: None,
+            rx_limiter: None,
+            tx_limiter: None,
             watching_tap: false,
             counters: NetCounters::default(),
+        }
+    }
+
+    /// Adds rate limits to the frames to (`rx`) and from (`tx`) the guest.
+    pub fn with_limits(mut self, rx: RateLimit, tx: RateLimit) -> Result<Self, RateLimiterError> {
+        let limiter = |l: RateLimit| -> Result<Option<RateLimiter>, RateLimiterError> {
+            if l.is_unlimited() {
+                Ok(None)
+            } else {
+                RateLimiter::new(l).map(Some)
+            }
+        };
+        self.rx_limiter = limiter(rx)?;
+        self.tx_limiter = limiter(tx)?;
+        Ok(self)
+    }
+
+    fn watch_timers(&self, registrar: &Registrar, watch: bool) {
+        let timers = [
+            (&self.rx_limiter, RX_TIMER_TOKEN),
+            (&self.tx_limiter, TX_TIMER_TOKEN),
+        ];
+        for (limiter, token) in timers {
+            let Some(limiter) = limiter else { continue };
+            let result = if watch {
+                registrar.add(limiter.timer_fd(), token, EventSet::IN)
+            } else {
+                registrar.remove(limiter.timer_fd())
+            };
+            if let Err(e) = result {
+                log::warn!("virtio-net: cannot update a rate-limiter timer watch: {e}");
+            }
         }
     }
 
@@ -125,15 +182,63 @@ impl Net {
     }
 
     fn process_tx(&mut self, ctx: &mut QueueContext<'_>) -> Result<(), DeviceError> {
-        process_queue(ctx, TX_QUEUE, |mem, chain| {
+        if self.tx_limiter.is_none() {
+            return process_queue(ctx, TX_QUEUE, |mem, chain| {
+                if self.serve_tx_chain(mem, chain) {
+                    self.counters.tx_frames += 1;
+                } else {
+                    self.counters.dropped += 1;
+                }
+                0
+            })
+            .map(|_| ());
+        }
+        let mem = ctx.mem;
+        let queue_error = |reason: String| DeviceError::Queue {
+            queue: TX_QUEUE,
+            reason,
+        };
+        let queue = ctx
+            .queues
+            .get_mut(TX_QUEUE)
+            .ok_or_else(|| queue_error("missing".into()))?;
+        let mut served = 0;
+        loop {
+            let next = queue
+                .iter(mem)
+                .map_err(|e| queue_error(e.to_string()))?
+                .next();
+            let Some(chain) = next else { break };
+            let head = chain.head_index();
+            let len = chain
+                .clone()
+                .reader(mem)
+                .map(|r| r.available_bytes().saturating_sub(NET_HEADER_SIZE))
+                .unwrap_or(0);
+            let limiter = self.tx_limiter.as_mut().expect("checked above");
+            if !limiter.consume(len as u64) {
+                queue.go_to_previous_position();
+                self.counters.throttled += 1;
+                break;
+            }
             if self.serve_tx_chain(mem, chain) {
                 self.counters.tx_frames += 1;
             } else {
                 self.counters.dropped += 1;
             }
-            0
-        })
-        .map(|_| ())
+            queue
+                .add_used(mem, head, 0)
+                .map_err(|e| queue_error(e.to_string()))?;
+            served += 1;
+        }
+        if served > 0
+            && queue
+                .needs_notification(mem)
+                .map_err(|e| queue_error(e.to_string()))?
+        {
+            ctx.interrupt.signal_used_queue();
+        }
+        Ok(())
     }
 
     /// Moves frames from the backend into guest RX buffers while both exist.
@@ -149,6 +254,7 @@ impl Net {
             .ok_or_else(|| queue_error("missing".into()))?;
         let mut delivered = 0;
         let mut out_of_buffers = false;
+        let mut throttled = false;
         loop {
             let next = queue
                 .iter(mem)
@@ -159,17 +265,29 @@ impl Net {
                 break;
             };
             let head = chain.head_index();
-            let len = match self.backend.read_frame(&mut self.frame) {
-                Ok(len) => len,
-                Err(e) => {
-                    queue.go_to_previous_position();
-                    if e.kind() != io::ErrorKind::WouldBlock {
-                        log::warn!("virtio-net: tap read: {e}");
+            let len = match self.rx_pending.take() {
+                Some(len) => len,
+                None => match self.backend.read_frame(&mut self.rx_frame) {
+                    Ok(len) => len,
+                    Err(e) => {
+                        queue.go_to_previous_position();
+                        if e.kind() != io::ErrorKind::WouldBlock {
+                            log::warn!("virtio-net: tap read: {e}");
+                        }
+                        break;
                     }
-                    break;
-                }
+                },
             };
-            let used = match write_rx_frame(mem, chain, &self.frame[..len]) {
+            if let Some(limiter) = &mut self.rx_limiter
+                && !limiter.consume(len as u64)
+            {
+                self.rx_pending = Some(len);
+                queue.go_to_previous_position();
+                self.counters.throttled += 1;
+                throttled = true;
+                break;
+            }
+            let used = match write_rx_frame(mem, chain, &self.rx_frame[..len]) {
                 Some(used) => {
                     self.counters.rx_frames += 1;
                     used
@@ -191,7 +309,7 @@ impl Net {
         {
             ctx.interrupt.signal_used_queue();
         }
-        self.set_watch(ctx.registrar, !out_of_buffers);
+        self.set_watch(ctx.registrar, !out_of_buffers && !throttled);
         Ok(())
     }
 }
@@ -230,6 +348,7 @@ impl VirtioDevice for Net {
 
     fn activate(&mut self, _features: u64, ctx: &mut QueueContext<'_>) -> Result<(), DeviceError> {
         self.set_watch(ctx.registrar, true);
+        self.watch_timers(ctx.registrar, true);
         Ok(())
     }
 
@@ -247,15 +366,31 @@ impl VirtioDevice for Net {
 
     fn backend_event(
         &mut self,
-        _sub: u32,
+        sub: u32,
         _events: EventSet,
         ctx: &mut QueueContext<'_>,
     ) -> Result<(), DeviceError> {
-        self.process_rx(ctx)
+        match sub {
+            RX_TIMER_TOKEN => {
+                if let Some(limiter) = &mut self.rx_limiter {
+                    limiter.on_timer();
+                }
+                self.process_rx(ctx)
+            }
+            TX_TIMER_TOKEN => {
+                if let Some(limiter) = &mut self.tx_limiter {
+                    limiter.on_timer();
+                }
+                self.process_tx(ctx)
+            }
+            _ => self.process_rx(ctx),
+        }
     }
 
     fn reset(&mut self, registrar: &Registrar) {
         self.set_watch(registrar, false);
+        self.watch_timers(registrar, false);
+        self.rx_pending = None;
     }
 }
 
@@ -379,5 +514,60 @@ mod tests {
         let mut got = [0u8; 15];
         q.mem.read_slice(&mut got, GuestAddress(0x10_1000)).unwrap();
         assert_eq!(&got[12..], b"two");
+    }
+
+    #[test]
+    fn a_tx_rate_limit_holds_frames_back_until_its_timer_fires() {
+        let (net, host) = device();
+        let limit = RateLimit {
+            bytes: None,
+            ops: Some(crate::rate_limiter::BucketConfig { rate: 20, burst: 1 }),
+        };
+        let mut net = net.with_limits(RateLimit::default(), limit).unwrap();
+        let q = TestQueue::new();
+        let mock = q.mock();
+        let mut queues = vec![q.queue(), q.queue()];
+        let interrupt = Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let mut event_loop = EventLoop::new().unwrap();
+        let registrar = event_loop.registrar();
+        q.mem
+            .write_slice(&[0; 12], GuestAddress(0x10_0000))
+            .unwrap();
+        q.mem
+            .write_slice(b"first", GuestAddress(0x10_1000))
+            .unwrap();
+        let chain = ChainBuilder::new()
+            .readable(0x10_0000, 12)
+            .readable(0x10_1000, 5);
+        mock.add_desc_chains(&chain.descriptors(), 0).unwrap();
+        mock.add_desc_chains(&chain.descriptors_at(2), 2).unwrap();
+        let mut ctx = QueueContext {
+            mem: &q.mem,
+            queues: &mut queues,
+            interrupt: &interrupt,
+            registrar: &registrar,
+        };
+        net.activate(0, &mut ctx).unwrap();
+        net.queue_notified(TX_QUEUE, &mut ctx).unwrap();
+        // Burst 1: one frame passes, the second waits in the queue.
+        assert_eq!(net.counters().tx_frames, 1);
+        assert_eq!(net.counters().throttled, 1);
+        // A new notification while blocked does not send it either.
+        net.queue_notified(TX_QUEUE, &mut ctx).unwrap();
+        assert_eq!(net.counters().tx_frames, 1);
+        let mut fds = [libc::pollfd {
+            fd: net.tx_limiter.as_ref().unwrap().timer_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // SAFETY: `fds` is a valid array of one pollfd for the call.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 1, 2000) };
+        assert_eq!(ready, 1, "no timer");
+        net.backend_event(TX_TIMER_TOKEN, EventSet::IN, &mut ctx)
+            .unwrap();
+        assert_eq!(net.counters().tx_frames, 2, "{:?}", net.counters());
+        let mut buf = [0u8; 16];
+        assert_eq!(host.recv(&mut buf).unwrap(), 5);
+        assert_eq!(host.recv(&mut buf).unwrap(), 5);
     }
 }
