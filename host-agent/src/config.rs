@@ -626,6 +626,26 @@ image = "{d}/image.erofs"
     }
 
     #[test]
+    fn the_documented_example_config_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let _ = sample(dir.path()); // creates vmm, vmlinux, image.erofs
+        let d = dir.path().display().to_string();
+        let text = include_str!("../examples/agent.toml")
+            .replace(
+                "/var/lib/kindling/assets/debian.erofs",
+                &format!("{d}/image.erofs"),
+            )
+            .replace("/var/lib/kindling/assets/vmlinux", &format!("{d}/vmlinux"))
+            .replace("/usr/local/bin/vmm", &format!("{d}/vmm"));
+        let c = load(&text, dir.path()).unwrap();
+        assert_eq!(c.pools.len(), 2);
+        assert_eq!(c.pools[0].network, PoolNetwork::Nat);
+        assert_eq!(c.pools[0].log_kib_per_sec, 4096);
+        assert_eq!(c.pools[1].network, PoolNetwork::None);
+        assert!(c.jail.enabled);
+    }
+
+    #[test]
     fn unknown_fields_and_bad_toml_are_rejected_with_a_location() {
         let dir = tempfile::tempdir().unwrap();
         let text = sample(dir.path()).replace("size = 2", "size = 2\nsizee = 3");
