@@ -94,6 +94,34 @@ fn guest_connect(vm_dir: &Path) -> UnixStream {
     s
 }
 
+/// Guest side: a step began.
+fn step_started(s: &mut UnixStream, step: u32, name: impl Into<String>) {
+    let msg = GuestMessage::StepStarted(StepStarted {
+        step,
+        name: name.into(),
+    });
+    write_frame(s, &msg).unwrap();
+}
+
+/// Guest side: a step ended with `exit_code`.
+fn step_finished(s: &mut UnixStream, step: u32, exit_code: i32) {
+    let msg = GuestMessage::StepFinished(StepFinished {
+        step,
+        exit_code: Some(exit_code),
+        signal: None,
+        duration_ms: 1,
+    });
+    write_frame(s, &msg).unwrap();
+}
+
+/// Guest side: the job succeeded.
+fn job_succeeded(s: &mut UnixStream) {
+    let msg = GuestMessage::JobFinished(JobFinished {
+        result: JobResult::Succeeded,
+    });
+    write_frame(s, &msg).unwrap();
+}
+
 fn log(step: u32, seq: u64, text: &str) -> GuestMessage {
     GuestMessage::LogChunk(LogChunk {
         step,
@@ -134,36 +162,14 @@ async fn relays_events_in_order_and_the_guest_result() {
         assert_eq!(job.steps.len(), 2);
         let mut seq = 0;
         for step in 0..2u32 {
-            write_frame(
-                &mut s,
-                &GuestMessage::StepStarted(StepStarted {
-                    step,
-                    name: format!("step {step}"),
-                }),
-            )
-            .unwrap();
+            step_started(&mut s, step, format!("step {step}"));
             for i in 0..100 {
                 write_frame(&mut s, &log(step, seq, &format!("line {i}\n"))).unwrap();
                 seq += 1;
             }
-            write_frame(
-                &mut s,
-                &GuestMessage::StepFinished(StepFinished {
-                    step,
-                    exit_code: Some(0),
-                    signal: None,
-                    duration_ms: 1,
-                }),
-            )
-            .unwrap();
+            step_finished(&mut s, step, 0);
         }
-        write_frame(
-            &mut s,
-            &GuestMessage::JobFinished(JobFinished {
-                result: JobResult::Succeeded,
-            }),
-        )
-        .unwrap();
+        job_succeeded(&mut s);
     });
     let mut sink = MemorySink::default();
     let outcome = run_job(&mut vm, &mut channel, &job(2), &mut sink, None).await;
@@ -200,35 +206,13 @@ async fn a_log_rate_limit_paces_the_relay_and_loses_nothing() {
     let driver = std::thread::spawn(move || {
         let mut s = guest.join().unwrap();
         let _job = read_frame::<HostMessage>(&mut s).unwrap();
-        write_frame(
-            &mut s,
-            &GuestMessage::StepStarted(StepStarted {
-                step: 0,
-                name: "flood".into(),
-            }),
-        )
-        .unwrap();
+        step_started(&mut s, 0, "flood");
         let line = "x".repeat(CHUNK - 1) + "\n";
         for seq in 0..CHUNKS {
             write_frame(&mut s, &log(0, seq, &line)).unwrap();
         }
-        write_frame(
-            &mut s,
-            &GuestMessage::StepFinished(StepFinished {
-                step: 0,
-                exit_code: Some(0),
-                signal: None,
-                duration_ms: 1,
-            }),
-        )
-        .unwrap();
-        write_frame(
-            &mut s,
-            &GuestMessage::JobFinished(JobFinished {
-                result: JobResult::Succeeded,
-            }),
-        )
-        .unwrap();
+        step_finished(&mut s, 0, 0);
+        job_succeeded(&mut s);
     });
     let mut sink = MemorySink::default();
     let t0 = std::time::Instant::now();
@@ -267,14 +251,7 @@ async fn a_vmm_crash_mid_job_fails_the_job_with_a_reason() {
     let driver = std::thread::spawn(move || {
         let mut s = guest.join().unwrap();
         let _job = read_frame::<HostMessage>(&mut s).unwrap();
-        write_frame(
-            &mut s,
-            &GuestMessage::StepStarted(StepStarted {
-                step: 0,
-                name: "step 0".into(),
-            }),
-        )
-        .unwrap();
+        step_started(&mut s, 0, "step 0");
         std::thread::sleep(Duration::from_secs(3));
         s
     });
@@ -310,14 +287,7 @@ async fn a_vmm_killed_mid_job_is_reported_as_the_cause_not_the_closed_socket() {
     let driver = std::thread::spawn(move || {
         let mut s = guest.join().unwrap();
         let _job = read_frame::<HostMessage>(&mut s).unwrap();
-        write_frame(
-            &mut s,
-            &GuestMessage::StepStarted(StepStarted {
-                step: 0,
-                name: "step 0".into(),
-            }),
-        )
-        .unwrap();
+        step_started(&mut s, 0, "step 0");
         std::thread::sleep(Duration::from_millis(200));
         drop(s);
         std::fs::write(closed, b"").unwrap();
@@ -363,14 +333,7 @@ async fn a_cancel_from_the_sink_reaches_the_guest() {
     let driver = std::thread::spawn(move || {
         let mut s = guest.join().unwrap();
         let _job = read_frame::<HostMessage>(&mut s).unwrap();
-        write_frame(
-            &mut s,
-            &GuestMessage::StepStarted(StepStarted {
-                step: 0,
-                name: "step 0".into(),
-            }),
-        )
-        .unwrap();
+        step_started(&mut s, 0, "step 0");
         let msg = read_frame::<HostMessage>(&mut s).unwrap();
         assert!(matches!(msg, HostMessage::Cancel { .. }), "{msg:?}");
         write_frame(

@@ -61,3 +61,19 @@ pub fn debian_image() -> Result<PathBuf, HarnessError> {
         None => print_path("guest-image/build.sh", &["debian", "--print-path"]),
     }
 }
+
+/// The assets most scenarios need, under the names the scenarios use:
+/// the guest kernel as `$ASSETS/vmlinux` and the minimal image as
+/// `$ASSETS/minimal.erofs`.
+pub fn kernel_and_minimal_image() -> Result<Vec<crate::Asset>, HarnessError> {
+    Ok(vec![
+        crate::Asset {
+            host_path: guest_kernel()?,
+            name: "vmlinux".into(),
+        },
+        crate::Asset {
+            host_path: minimal_image()?,
+            name: "minimal.erofs".into(),
+        },
+    ])
+}

@@ -14,7 +14,7 @@
 
 use std::time::Duration;
 
-use harness::assets::{guest_kernel, minimal_image};
+use harness::assets::kernel_and_minimal_image;
 use harness::{Asset, Scenario, Status, workspace_binary};
 
 /// L1 modules for taps, veths, nftables, conntrack and NAT.
@@ -244,16 +244,7 @@ fn scenario(name: &str, script: &str, jobs: &[(&str, &str)]) -> Scenario {
         "/usr/sbin/ip".into(),
     ];
     sc.modules = MODULES.iter().map(|m| m.to_string()).collect();
-    sc.assets = vec![
-        Asset {
-            host_path: guest_kernel().unwrap(),
-            name: "vmlinux".into(),
-        },
-        Asset {
-            host_path: minimal_image().unwrap(),
-            name: "minimal.erofs".into(),
-        },
-    ];
+    sc.assets = kernel_and_minimal_image().unwrap();
     for (file, text) in jobs {
         sc.assets.push(job_file(&dir, file, text));
     }

@@ -26,7 +26,7 @@
 
 use std::time::Duration;
 
-use harness::assets::{guest_kernel, minimal_image};
+use harness::assets::kernel_and_minimal_image;
 use harness::{Asset, Scenario, Status, workspace_binary};
 
 /// MiB the job writes: `$KINDLING_FLOOD_MIB`, default 32.
@@ -192,20 +192,11 @@ fn an_output_flood_completes_with_bounded_memory_on_both_sides() {
         // The host agent starts every VMM through it (jail on by default).
         workspace_binary("kindling-jailer").unwrap(),
     ];
-    sc.assets = vec![
-        Asset {
-            host_path: guest_kernel().unwrap(),
-            name: "vmlinux".into(),
-        },
-        Asset {
-            host_path: minimal_image().unwrap(),
-            name: "minimal.erofs".into(),
-        },
-        Asset {
-            host_path: job_path,
-            name: "job.yaml".into(),
-        },
-    ];
+    sc.assets = kernel_and_minimal_image().unwrap();
+    sc.assets.push(Asset {
+        host_path: job_path,
+        name: "job.yaml".into(),
+    });
     let mut out = harness::run(&sc).unwrap();
     if out.status != Status::Exited(0) && out.output.contains("triple fault (KVM_EXIT_SHUTDOWN)") {
         eprintln!(

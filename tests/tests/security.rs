@@ -19,7 +19,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use harness::assets::{guest_kernel, minimal_image};
+use harness::assets::kernel_and_minimal_image;
 use harness::{Asset, Scenario, Status, workspace_binary};
 
 /// A scenario with the kernel, the minimal image, `host-agent`, `vmm` and
@@ -36,16 +36,7 @@ fn scenario(name: &str, script: &str, jobs: &[(&str, &str)]) -> Scenario {
         workspace_binary("kindling-jailer").unwrap(),
         hooked_vmm(),
     ];
-    sc.assets = vec![
-        Asset {
-            host_path: guest_kernel().unwrap(),
-            name: "vmlinux".into(),
-        },
-        Asset {
-            host_path: minimal_image().unwrap(),
-            name: "minimal.erofs".into(),
-        },
-    ];
+    sc.assets = kernel_and_minimal_image().unwrap();
     for (file, text) in jobs {
         let path = dir.join(file);
         std::fs::write(&path, text).unwrap();
