@@ -57,6 +57,9 @@ pub struct RunOptions {
     pub rate_limit: RateLimitConfig,
 }
 
+/// How long the job may take to show as ended once its VM is gone.
+const VM_GONE_SETTLE: Duration = Duration::from_secs(5);
+
 /// Runs the job; returns the process exit code (0 succeeded, 1 failed, 2 other).
 pub async fn run(opts: RunOptions) -> Result<i32, String> {
     let t0 = Instant::now();
@@ -161,18 +164,39 @@ pub async fn run(opts: RunOptions) -> Result<i32, String> {
         .await
         .map_err(|e| format!("submitting the job: {e}"))?;
     let mut first_line: Option<Duration> = None;
-    let report = client
-        .follow(&client_credential, &job_id, |event| {
+    let (report, cycles) = {
+        let follow = client.follow(&client_credential, &job_id, |event| {
             print_event(&event.event, submitted, &mut first_line);
-        })
-        .await
-        .map_err(|e| format!("following the job: {e}"))?;
-    let cycles = agent.join().await;
+        });
+        tokio::pin!(follow);
+        let join = agent.join();
+        tokio::pin!(join);
+        tokio::select! {
+            report = &mut follow => (report.map_err(|e| format!("following the job: {e}")), join.await),
+            cycles = &mut join => {
+                // The VM's one cycle is over. If it ran the job, the job's
+                // last event is posted already; if it failed before taking
+                // it (boot failure), nothing will ever run the job.
+                let report = match tokio::time::timeout(VM_GONE_SETTLE, &mut follow).await {
+                    Ok(report) => report.map_err(|e| format!("following the job: {e}")),
+                    Err(_) => Err(format!(
+                        "the VM ended before it ran the job: {}",
+                        cycles
+                            .first()
+                            .and_then(|c| c.failure.clone())
+                            .unwrap_or_else(|| "no reason recorded".into())
+                    )),
+                };
+                (report, cycles)
+            }
+        }
+    };
     let _ = stop_tx.send(());
     let _ = server_task.await;
     if temp_state {
         let _ = std::fs::remove_dir_all(&state_dir);
     }
+    let report = report?;
     let leftovers = std::fs::read_dir(state_dir.join("vms"))
         .map(|d| d.count())
         .unwrap_or(0);

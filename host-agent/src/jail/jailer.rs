@@ -31,7 +31,7 @@
 
 use std::ffi::{CString, OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
 
@@ -413,6 +413,32 @@ fn bind(root: &Path, source: &Path, writable: bool) -> Result<(), JailerError> {
     )))
 }
 
+/// Creates a device node at `host`'s path under `root` for the device
+/// `rdev`, of `kind` (char or block), with `mode`, owned by the VM's ids.
+fn device_node(
+    root: &Path,
+    host: &Path,
+    kind: SFlag,
+    rdev: u64,
+    mode: u32,
+    uid: Uid,
+    gid: Gid,
+) -> Result<(), JailerError> {
+    let node = under(root, host);
+    if let Some(parent) = node.parent() {
+        std::fs::create_dir_all(parent).map_err(io(format!("mkdir {}", parent.display())))?;
+    }
+    let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+    mknod(
+        &node,
+        kind,
+        Mode::from_bits_truncate(mode),
+        makedev(major, minor),
+    )
+    .map_err(sys(format!("mknod {}", node.display())))?;
+    chown(&node, Some(uid), Some(gid)).map_err(sys(format!("chown {}", node.display())))
+}
+
 /// Child side: steps 3 to 6. Returns only on failure.
 fn enter_jail_and_exec(args: &JailerArgs, libs: &[PathBuf]) -> JailerError {
     match jail_steps(args, libs) {
@@ -445,15 +471,23 @@ fn jail_steps(
         Some("size=1m,mode=0755"),
     )
     .map_err(sys("mounting the jail's tmpfs root"))?;
+    let uid = Uid::from_raw(args.uid);
+    let gid = Gid::from_raw(args.gid);
     for path in libs
         .iter()
         .chain(std::iter::once(&args.exec))
         .chain(&args.ro_binds)
     {
-        bind(root, path, false)?;
+        let meta = std::fs::metadata(path).map_err(io(format!("stat {}", path.display())))?;
+        if meta.file_type().is_block_device() {
+            // A guest image on a block device: read-only binds are nodev,
+            // and the host's node is root's; the VMM gets a node of its own
+            // that only it may read.
+            device_node(root, path, SFlag::S_IFBLK, meta.rdev(), 0o400, uid, gid)?;
+        } else {
+            bind(root, path, false)?;
+        }
     }
-    let uid = Uid::from_raw(args.uid);
-    let gid = Gid::from_raw(args.gid);
     for path in &args.rw_binds {
         bind(root, path, true)?;
     }
@@ -462,19 +496,7 @@ fn jail_steps(
         let rdev = std::fs::metadata(host)
             .map_err(io(format!("stat {}", host.display())))?
             .rdev();
-        let node = under(root, host);
-        if let Some(parent) = node.parent() {
-            std::fs::create_dir_all(parent).map_err(io(format!("mkdir {}", parent.display())))?;
-        }
-        let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
-        mknod(
-            &node,
-            SFlag::S_IFCHR,
-            Mode::from_bits_truncate(0o600),
-            makedev(major, minor),
-        )
-        .map_err(sys(format!("mknod {}", node.display())))?;
-        chown(&node, Some(uid), Some(gid)).map_err(sys(format!("chown {}", node.display())))?;
+        device_node(root, host, SFlag::S_IFCHR, rdev, 0o600, uid, gid)?;
     }
     enter_root(root)?;
     mount(
