@@ -238,6 +238,7 @@ fn scenario(name: &str, script: &str, jobs: &[(&str, &str)]) -> Scenario {
     sc.bins = vec![
         workspace_binary("vmm").unwrap(),
         workspace_binary("host-agent").unwrap(),
+        workspace_binary("kindling-jailer").unwrap(),
         workspace_binary("netlab").unwrap(),
         workspace_binary("orchestrator").unwrap(),
         "/usr/sbin/nft".into(),
