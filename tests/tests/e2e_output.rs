@@ -64,7 +64,8 @@ const RUNNER_AGENT_MAX_KIB: u64 = 16 << 10;
 /// buffers are bounded by the credit it grants the guest (256 KiB).
 const VMM_OVERHEAD_MAX_KIB: u64 = 16 << 10;
 
-/// The VMM wrapper: the host agent's `--serial file:<vm dir>/serial.log`
+/// The VMM wrapper (a shell script, which the jailer refuses to exec: the
+/// run uses `--no-jail`; confinement is the security suite's subject): the host agent's `--serial file:<vm dir>/serial.log`
 /// becomes `file:/tmp/guest-console.log`, which outlives the VM, and the
 /// VMM's log goes to `/tmp/vmm-stderr.log` (shown if the job fails).
 const VMM_WRAPPER: &str = r#"#!/bin/sh
@@ -113,7 +114,7 @@ mkfifo /tmp/out.fifo
 wc -c < /tmp/out.fifo > /tmp/out.bytes &
 counter=$!
 t0=$(cut -d' ' -f1 /proc/uptime)
-{ host-agent run $ASSETS/job.yaml --vmm /tmp/vmm-keep-console \
+{ host-agent run $ASSETS/job.yaml --no-jail --vmm /tmp/vmm-keep-console \
     --kernel $ASSETS/vmlinux --image $ASSETS/minimal.erofs \
     --vcpus 1 --memory-mib @MEMORY@ --state-dir /tmp/agent-state
   echo $? > /tmp/rc; } | tee /tmp/out.fifo | tail -c 300 > /tmp/out.tail
