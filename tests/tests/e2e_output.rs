@@ -189,9 +189,6 @@ fn an_output_flood_completes_with_bounded_memory_on_both_sides() {
         .replace("@MEMORY@", &VM_MEMORY_MIB.to_string());
     let mut sc = Scenario::new("output-flood", &script);
     sc.timeout = Duration::from_secs(900);
-    // The fast 200 MiB run (77 s) had transparent huge pages off in the L1;
-    // the slow post-merge run had them on.
-    sc.l1_kernel_args = vec!["transparent_hugepage=never".into()];
     sc.bins = vec![
         workspace_binary("vmm").unwrap(),
         workspace_binary("host-agent").unwrap(),
