@@ -25,6 +25,19 @@ struct MemorySink {
     cancel: bool,
 }
 
+impl MemorySink {
+    /// Sequence numbers of the log chunks received, in order.
+    fn log_seqs(&self) -> Vec<u64> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                JobEventKind::LogChunk(c) => Some(c.seq),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
 impl EventSink for MemorySink {
     async fn post(&mut self, events: Vec<JobEventKind>) -> Result<bool, String> {
         self.events.extend(events);
@@ -176,14 +189,7 @@ async fn relays_events_in_order_and_the_guest_result() {
     driver.join().unwrap();
     assert_eq!(outcome.result, JobResult::Succeeded);
     assert!(outcome.first_log.is_some());
-    let seqs: Vec<u64> = sink
-        .events
-        .iter()
-        .filter_map(|e| match e {
-            JobEventKind::LogChunk(c) => Some(c.seq),
-            _ => None,
-        })
-        .collect();
+    let seqs = sink.log_seqs();
     assert_eq!(seqs, (0..200).collect::<Vec<_>>());
     assert!(matches!(
         sink.events.last(),
@@ -227,14 +233,7 @@ async fn a_log_rate_limit_paces_the_relay_and_loses_nothing() {
         elapsed >= expected * 0.9 && elapsed < expected + 5.0,
         "{elapsed} s, expected about {expected} s"
     );
-    let seqs: Vec<u64> = sink
-        .events
-        .iter()
-        .filter_map(|e| match e {
-            JobEventKind::LogChunk(c) => Some(c.seq),
-            _ => None,
-        })
-        .collect();
+    let seqs = sink.log_seqs();
     assert_eq!(seqs, (0..CHUNKS).collect::<Vec<_>>());
     vm.destroy().await;
 }
