@@ -119,10 +119,8 @@ pub fn run(sc: &Scenario) -> Result<Outcome, HarnessError> {
         ExecMode::Direct => direct::run(sc, &workdir, &nonce)?,
     };
     timings.total = started.elapsed();
-    let console_tail = tail_lines(
-        &std::fs::read_to_string(workdir.join("console.log")).unwrap_or_default(),
-        40,
-    );
+    let console_tail =
+        console_excerpt(&std::fs::read_to_string(workdir.join("console.log")).unwrap_or_default());
     drop(lock);
     Ok(Outcome {
         host,
@@ -160,14 +158,53 @@ fn sanitize(name: &str) -> String {
         .collect()
 }
 
-fn tail_lines(text: &str, n: usize) -> String {
+/// Lines of console kept in a report when nothing went wrong in the kernel.
+const CONSOLE_TAIL_LINES: usize = 40;
+/// How far back from the end a kernel panic's first line is looked for:
+/// a panic's register dump and call trace is 40-80 lines, depending on how
+/// many stale frames the unwinder prints.
+const PANIC_LOOKBACK_LINES: usize = 200;
+
+/// The part of the L1 console a report carries: the last
+/// [`CONSOLE_TAIL_LINES`] lines, extended back to the first line of a
+/// kernel panic near the end so that the reason ("Kernel panic - not
+/// syncing: ...") is never cut off by a long call trace.
+fn console_excerpt(text: &str) -> String {
     let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
+    let window = lines.len().saturating_sub(PANIC_LOOKBACK_LINES);
+    let tail = lines.len().saturating_sub(CONSOLE_TAIL_LINES);
+    let start = lines[window..]
+        .iter()
+        .position(|l| l.contains("Kernel panic"))
+        .map_or(tail, |i| (window + i).min(tail));
+    lines[start..].join("\n")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_console_excerpt_keeps_the_panic_line_above_a_long_call_trace() {
+        let mut console: Vec<String> = (0..500).map(|i| format!("boot line {i}")).collect();
+        console.push("Kernel panic - not syncing: sysrq triggered crash".into());
+        console.extend((0..70).map(|i| format!("  trace frame {i}")));
+        let excerpt = console_excerpt(&console.join("\n"));
+        assert!(
+            excerpt.starts_with("Kernel panic - not syncing"),
+            "{excerpt}"
+        );
+        assert!(excerpt.ends_with("trace frame 69"));
+    }
+
+    #[test]
+    fn a_console_excerpt_without_a_panic_is_the_last_lines() {
+        let console: Vec<String> = (0..100).map(|i| format!("line {i}")).collect();
+        let excerpt = console_excerpt(&console.join("\n"));
+        assert_eq!(excerpt.lines().count(), CONSOLE_TAIL_LINES);
+        assert!(excerpt.starts_with("line 60"));
+        assert_eq!(console_excerpt(""), "");
+    }
 
     #[test]
     fn only_a_clean_end_without_exit_code_counts_as_a_spontaneous_reset() {
@@ -183,9 +220,8 @@ mod tests {
     }
 
     #[test]
-    fn tail_keeps_the_last_lines() {
-        assert_eq!(tail_lines("a\nb\nc\n", 2), "b\nc");
-        assert_eq!(tail_lines("a", 5), "a");
+    fn a_short_console_is_kept_whole_and_names_are_sanitized() {
+        assert_eq!(console_excerpt("a\nb\nc\n"), "a\nb\nc");
         assert_eq!(sanitize("a b/c"), "a_b_c");
     }
 }
