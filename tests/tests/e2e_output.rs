@@ -1,6 +1,5 @@
-//! End-to-end in the nested harness: a job that floods its output (32 MiB in
-//! CI, 200 MiB on request: see [`output_bytes`]) completes, and memory stays
-//! bounded on both sides.
+//! End-to-end in the nested harness: a job that floods its output (200 MiB:
+//! see [`output_bytes`]) completes, and memory stays bounded on both sides.
 //!
 //! The flood travels the whole production path: the step's pipe, the runner
 //! agent (masking, framing), vsock through our VMM, the host agent's relay,
@@ -29,24 +28,24 @@ use std::time::Duration;
 use harness::assets::kernel_and_minimal_image;
 use harness::{Asset, Scenario, Status, workspace_binary};
 
-/// MiB the job writes: `$KINDLING_FLOOD_MIB`, default 32.
+/// MiB the job writes: 200 as the issue asks, or `$KINDLING_FLOOD_MIB`.
 ///
-/// The issue asks for 200 MiB, and that runs clean here (77 s, same
-/// bounds), but not reliably in the nested harness: a long vsock flood
-/// sometimes ends in a triple fault of the L2 guest with no message
+/// 200 MiB also crosses the orchestrator's 128 MiB output cap, so the cut
+/// and its notice are checked too. Runs take 100-280 s in the L1 (debug
+/// build; the upper end with other work on the machine). A long vsock
+/// flood sometimes ends in a triple fault of the L2 guest with no message
 /// before it, and the Firecracker peer in the same L1 under the same flood
 /// does the same (1 of 3 runs), as does an L1 kernel panic seen once (its
 /// per-CPU GS access faulting recursively inside `KVM_RUN`): QEMU TCG's
-/// emulated SVM, not our VMM. So CI writes 32 MiB, still far beyond every
-/// buffer and memory bound on the way, and retries once on exactly that
-/// triple-fault signature; `KINDLING_FLOOD_MIB=200 cargo test -p harness
-/// --test e2e_output` runs the full size.
+/// emulated SVM, not our VMM. Transparent huge pages off in the L1 made it
+/// rarer; the test retries once on exactly that signature, and a smaller
+/// `KINDLING_FLOOD_MIB` gives a quick local run.
 fn output_bytes() -> u64 {
     let mib = std::env::var("KINDLING_FLOOD_MIB")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
         .filter(|&m| (1..=4096).contains(&m))
-        .unwrap_or(32);
+        .unwrap_or(200);
     mib << 20
 }
 /// Memory of the VM, MiB.
@@ -176,8 +175,6 @@ fn number_after(output: &str, key: &str) -> u64 {
 }
 
 #[test]
-#[ignore = "after merging the jail/seccomp and networking work, the 32 MiB flood ran for over 7 minutes \
-            (was 77 s for 200 MiB); not yet diagnosed: run with `cargo test -p harness --test e2e_output -- --ignored`"]
 fn an_output_flood_completes_with_bounded_memory_on_both_sides() {
     let dir = std::env::temp_dir().join(format!("kindling-e2e-output-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
