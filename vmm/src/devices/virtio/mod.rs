@@ -192,6 +192,27 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
 /// A descriptor chain borrowed from guest memory.
 pub type Chain<'a> = DescriptorChain<&'a GuestMemory>;
 
+/// What a queue handler did with one descriptor chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChainOutcome {
+    /// Served: the chain goes on the used ring with this many bytes
+    /// written into it.
+    Used(u32),
+    /// Not served now (no data for it yet, or a rate limit says wait):
+    /// the chain stays available and the pass over the queue ends.
+    Deferred,
+}
+
+/// How one pass over a queue ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueuePass {
+    /// Chains put on the used ring.
+    pub served: usize,
+    /// The pass ended on a [`ChainOutcome::Deferred`] chain rather than on
+    /// an empty available ring.
+    pub deferred: bool,
+}
+
 /// Pops every available chain of queue `index`, lets `handle` serve it
 /// (returning the number of bytes it wrote to the chain), puts it on the
 /// used ring and raises the interrupt if the driver wants one.
@@ -207,6 +228,24 @@ pub fn process_queue<F>(
 where
     F: FnMut(&GuestMemory, Chain<'_>) -> u32,
 {
+    process_queue_until_deferred(ctx, index, |mem, chain| {
+        ChainOutcome::Used(handle(mem, chain))
+    })
+    .map(|pass| pass.served)
+}
+
+/// [`process_queue`] for devices that cannot always serve a chain: the
+/// first chain `handle` defers is put back (it will be the first one of
+/// the next pass) and the pass ends there. Used where the device waits
+/// for its backend (RX) or a rate limiter.
+pub fn process_queue_until_deferred<F>(
+    ctx: &mut QueueContext<'_>,
+    index: usize,
+    mut handle: F,
+) -> Result<QueuePass, DeviceError>
+where
+    F: FnMut(&GuestMemory, Chain<'_>) -> ChainOutcome,
+{
     let mem = ctx.mem;
     let queue_error = |reason: String| DeviceError::Queue {
         queue: index,
@@ -216,32 +255,39 @@ where
         .queues
         .get_mut(index)
         .ok_or_else(|| queue_error("no such queue".into()))?;
-    let mut served = 0;
+    let mut pass = QueuePass {
+        served: 0,
+        deferred: false,
+    };
     loop {
-        let chains: Vec<Chain<'_>> = queue
+        let next = queue
             .iter(mem)
             .map_err(|e| queue_error(e.to_string()))?
-            .collect();
-        if chains.is_empty() {
-            break;
-        }
-        for chain in chains {
-            let head = chain.head_index();
-            let written = handle(mem, chain);
-            queue
-                .add_used(mem, head, written)
-                .map_err(|e| queue_error(format!("head {head}: {e}")))?;
-            served += 1;
+            .next();
+        let Some(chain) = next else { break };
+        let head = chain.head_index();
+        match handle(mem, chain) {
+            ChainOutcome::Used(written) => {
+                queue
+                    .add_used(mem, head, written)
+                    .map_err(|e| queue_error(format!("head {head}: {e}")))?;
+                pass.served += 1;
+            }
+            ChainOutcome::Deferred => {
+                queue.go_to_previous_position();
+                pass.deferred = true;
+                break;
+            }
         }
     }
-    if served > 0
+    if pass.served > 0
         && queue
             .needs_notification(mem)
             .map_err(|e| queue_error(e.to_string()))?
     {
         ctx.interrupt.signal_used_queue();
     }
-    Ok(served)
+    Ok(pass)
 }
 
 /// Shared handle to a device's interrupt.
@@ -262,6 +308,67 @@ mod tests {
         assert_eq!(data, [0; 4]);
         read_config_bytes(&config, u64::MAX, &mut data);
         assert_eq!(data, [0; 4]);
+    }
+
+    #[test]
+    fn a_deferred_chain_stays_available_for_the_next_pass() {
+        use crate::devices::virtio::testing::{ChainBuilder, TestQueue};
+        let q = TestQueue::new();
+        let mock = q.mock();
+        let mut queues = vec![q.queue()];
+        let chain = ChainBuilder::new().writable(0x10_0000, 16);
+        mock.add_desc_chains(&chain.descriptors(), 0).unwrap();
+        mock.add_desc_chains(&chain.descriptors_at(1), 1).unwrap();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let interrupt = Interrupt::new(irq.try_clone().unwrap());
+        let mut event_loop = crate::event_loop::EventLoop::new().unwrap();
+        let registrar = event_loop.registrar();
+        let mut ctx = QueueContext {
+            mem: &q.mem,
+            queues: &mut queues,
+            interrupt: &interrupt,
+            registrar: &registrar,
+        };
+        // First pass: serve one chain, defer the next.
+        let mut budget = 1;
+        let mut heads = Vec::new();
+        let pass = process_queue_until_deferred(&mut ctx, 0, |_, chain| {
+            if budget == 0 {
+                return ChainOutcome::Deferred;
+            }
+            budget -= 1;
+            heads.push(chain.head_index());
+            ChainOutcome::Used(4)
+        })
+        .unwrap();
+        assert_eq!(
+            pass,
+            QueuePass {
+                served: 1,
+                deferred: true
+            }
+        );
+        assert_eq!(mock.used().idx().load(), 1);
+        assert_eq!(irq.read().unwrap(), 1);
+        // Second pass: the deferred chain comes first, then the ring is empty.
+        let pass = process_queue_until_deferred(&mut ctx, 0, |_, chain| {
+            heads.push(chain.head_index());
+            ChainOutcome::Used(4)
+        })
+        .unwrap();
+        assert_eq!(
+            pass,
+            QueuePass {
+                served: 1,
+                deferred: false
+            }
+        );
+        assert_eq!(heads, [0, 1]);
+        assert_eq!(mock.used().idx().load(), 2);
+        // Nothing left: an empty pass neither serves nor interrupts.
+        assert_eq!(process_queue(&mut ctx, 0, |_, _| 0).unwrap(), 0);
+        assert!(irq.read().is_ok(), "the second pass interrupted");
+        assert!(irq.read().is_err(), "an empty pass interrupted");
     }
 
     #[test]

@@ -24,13 +24,13 @@ pub mod tap;
 
 use std::io::{self, Read, Write};
 
-use virtio_queue::{QueueOwnedT, QueueT, Reader, Writer};
+use virtio_queue::{Reader, Writer};
 use vmm_sys_util::epoll::EventSet;
 
 use self::tap::FrameDevice;
 use super::{
-    Chain, DeviceError, FIRST_BACKEND_TOKEN, QueueContext, VIRTIO_F_VERSION_1, VirtioDevice,
-    process_queue, read_config_bytes,
+    Chain, ChainOutcome, DeviceError, FIRST_BACKEND_TOKEN, QueueContext, VIRTIO_F_VERSION_1,
+    VirtioDevice, process_queue_until_deferred, read_config_bytes,
 };
 use crate::config::MacAddress;
 use crate::event_loop::Registrar;
@@ -181,100 +181,50 @@ impl Net {
         }
     }
 
+    /// Sends the guest's frames to the backend while the TX rate limit
+    /// allows; a throttled chain waits for the limiter's timer.
     fn process_tx(&mut self, ctx: &mut QueueContext<'_>) -> Result<(), DeviceError> {
-        if self.tx_limiter.is_none() {
-            return process_queue(ctx, TX_QUEUE, |mem, chain| {
-                if self.serve_tx_chain(mem, chain) {
-                    self.counters.tx_frames += 1;
-                } else {
-                    self.counters.dropped += 1;
+        let pass = process_queue_until_deferred(ctx, TX_QUEUE, |mem, chain| {
+            if let Some(limiter) = &mut self.tx_limiter {
+                let len = chain
+                    .clone()
+                    .reader(mem)
+                    .map(|r| r.available_bytes().saturating_sub(NET_HEADER_SIZE))
+                    .unwrap_or(0);
+                if !limiter.consume(len as u64) {
+                    return ChainOutcome::Deferred;
                 }
-                0
-            })
-            .map(|_| ());
-        }
-        let mem = ctx.mem;
-        let queue_error = |reason: String| DeviceError::Queue {
-            queue: TX_QUEUE,
-            reason,
-        };
-        let queue = ctx
-            .queues
-            .get_mut(TX_QUEUE)
-            .ok_or_else(|| queue_error("missing".into()))?;
-        let mut served = 0;
-        loop {
-            let next = queue
-                .iter(mem)
-                .map_err(|e| queue_error(e.to_string()))?
-                .next();
-            let Some(chain) = next else { break };
-            let head = chain.head_index();
-            let len = chain
-                .clone()
-                .reader(mem)
-                .map(|r| r.available_bytes().saturating_sub(NET_HEADER_SIZE))
-                .unwrap_or(0);
-            let limiter = self.tx_limiter.as_mut().expect("checked above");
-            if !limiter.consume(len as u64) {
-                queue.go_to_previous_position();
-                self.counters.throttled += 1;
-                break;
             }
             if self.serve_tx_chain(mem, chain) {
                 self.counters.tx_frames += 1;
             } else {
                 self.counters.dropped += 1;
             }
-            queue
-                .add_used(mem, head, 0)
-                .map_err(|e| queue_error(e.to_string()))?;
-            served += 1;
-        }
-        if served > 0
-            && queue
-                .needs_notification(mem)
-                .map_err(|e| queue_error(e.to_string()))?
-        {
-            ctx.interrupt.signal_used_queue();
+            ChainOutcome::Used(0)
+        })?;
+        if pass.deferred {
+            self.counters.throttled += 1;
         }
         Ok(())
     }
 
-    /// Moves frames from the backend into guest RX buffers while both exist.
+    /// Moves frames from the backend into guest RX buffers while both exist
+    /// and the RX rate limit allows. The tap is watched only while a frame
+    /// could be delivered: not when the guest has no buffers (its next
+    /// notification resumes RX) nor when throttled (the limiter's timer
+    /// does).
     fn process_rx(&mut self, ctx: &mut QueueContext<'_>) -> Result<(), DeviceError> {
-        let mem = ctx.mem;
-        let queue_error = |reason: String| DeviceError::Queue {
-            queue: RX_QUEUE,
-            reason,
-        };
-        let queue = ctx
-            .queues
-            .get_mut(RX_QUEUE)
-            .ok_or_else(|| queue_error("missing".into()))?;
-        let mut delivered = 0;
-        let mut out_of_buffers = false;
         let mut throttled = false;
-        loop {
-            let next = queue
-                .iter(mem)
-                .map_err(|e| queue_error(e.to_string()))?
-                .next();
-            let Some(chain) = next else {
-                out_of_buffers = true;
-                break;
-            };
-            let head = chain.head_index();
+        let pass = process_queue_until_deferred(ctx, RX_QUEUE, |mem, chain| {
             let len = match self.rx_pending.take() {
                 Some(len) => len,
                 None => match self.backend.read_frame(&mut self.rx_frame) {
                     Ok(len) => len,
                     Err(e) => {
-                        queue.go_to_previous_position();
                         if e.kind() != io::ErrorKind::WouldBlock {
                             log::warn!("virtio-net: tap read: {e}");
                         }
-                        break;
+                        return ChainOutcome::Deferred;
                     }
                 },
             };
@@ -282,33 +232,22 @@ impl Net {
                 && !limiter.consume(len as u64)
             {
                 self.rx_pending = Some(len);
-                queue.go_to_previous_position();
                 self.counters.throttled += 1;
                 throttled = true;
-                break;
+                return ChainOutcome::Deferred;
             }
-            let used = match write_rx_frame(mem, chain, &self.rx_frame[..len]) {
+            match write_rx_frame(mem, chain, &self.rx_frame[..len]) {
                 Some(used) => {
                     self.counters.rx_frames += 1;
-                    used
+                    ChainOutcome::Used(used)
                 }
                 None => {
                     self.counters.dropped += 1;
-                    0
+                    ChainOutcome::Used(0)
                 }
-            };
-            queue
-                .add_used(mem, head, used)
-                .map_err(|e| queue_error(e.to_string()))?;
-            delivered += 1;
-        }
-        if delivered > 0
-            && queue
-                .needs_notification(mem)
-                .map_err(|e| queue_error(e.to_string()))?
-        {
-            ctx.interrupt.signal_used_queue();
-        }
+            }
+        })?;
+        let out_of_buffers = !pass.deferred;
         self.set_watch(ctx.registrar, !out_of_buffers && !throttled);
         Ok(())
     }

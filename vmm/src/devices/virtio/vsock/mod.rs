@@ -15,13 +15,14 @@ pub mod unix;
 
 use std::path::Path;
 
-use virtio_queue::{QueueOwnedT, QueueT};
 use virtio_vsock::packet::VsockPacket;
 use vmm_sys_util::epoll::EventSet;
 
 use self::muxer::{Muxer, MuxerError};
 use self::packet::{HEADER_SIZE, Header, MAX_PACKET_DATA};
-use super::{DeviceError, QueueContext, VIRTIO_F_VERSION_1, VirtioDevice, read_config_bytes};
+use super::{
+    ChainOutcome, DeviceError, QueueContext, VIRTIO_F_VERSION_1, VirtioDevice, read_config_bytes,
+};
 use crate::event_loop::Registrar;
 use crate::memory::GuestMemory;
 
@@ -115,27 +116,12 @@ impl Vsock {
 
     /// Fills guest RX buffers with the muxer's pending packets.
     fn deliver_rx(&mut self, ctx: &mut QueueContext<'_>) -> Result<(), DeviceError> {
-        let mem = ctx.mem;
         let registrar = ctx.registrar;
-        let queue_error = |reason: String| DeviceError::Queue {
-            queue: RX_QUEUE,
-            reason,
-        };
-        let queue = ctx
-            .queues
-            .get_mut(RX_QUEUE)
-            .ok_or_else(|| queue_error("missing".into()))?;
-        let mut delivered = 0;
-        while self.muxer.has_rx() {
-            let next = queue
-                .iter(mem)
-                .map_err(|e| queue_error(e.to_string()))?
-                .next();
-            let Some(mut chain) = next else {
-                break;
-            };
-            let head = chain.head_index();
-            let used = match VsockPacket::from_rx_virtq_chain(mem, &mut chain, MAX_PACKET_DATA) {
+        super::process_queue_until_deferred(ctx, RX_QUEUE, |mem, mut chain| {
+            if !self.muxer.has_rx() {
+                return ChainOutcome::Deferred;
+            }
+            match VsockPacket::from_rx_virtq_chain(mem, &mut chain, MAX_PACKET_DATA) {
                 Ok(mut packet) => {
                     let room = packet.data_slice().map_or(0, |s| s.len());
                     self.rx_data.clear();
@@ -143,39 +129,26 @@ impl Vsock {
                         self.muxer
                             .next_rx_packet(room, &mut self.rx_data, registrar)
                     else {
-                        queue.go_to_previous_position();
-                        break;
+                        return ChainOutcome::Deferred;
                     };
                     if packet.set_header_from_raw(&header.to_bytes()).is_err() {
-                        0
-                    } else {
-                        if let Some(slice) = packet.data_slice() {
-                            slice.copy_from(&self.rx_data[..]);
-                        }
-                        (HEADER_SIZE + self.rx_data.len()) as u32
+                        return ChainOutcome::Used(0);
                     }
+                    if let Some(slice) = packet.data_slice() {
+                        slice.copy_from(&self.rx_data[..]);
+                    }
+                    ChainOutcome::Used((HEADER_SIZE + self.rx_data.len()) as u32)
                 }
                 Err(e) => {
                     self.malformed += 1;
                     if self.malformed <= 16 {
                         log::warn!("vsock: unusable RX buffer: {e}");
                     }
-                    0
+                    ChainOutcome::Used(0)
                 }
-            };
-            queue
-                .add_used(mem, head, used)
-                .map_err(|e| queue_error(e.to_string()))?;
-            delivered += 1;
-        }
-        if delivered > 0
-            && queue
-                .needs_notification(mem)
-                .map_err(|e| queue_error(e.to_string()))?
-        {
-            ctx.interrupt.signal_used_queue();
-        }
-        Ok(())
+            }
+        })
+        .map(|_| ())
     }
 }
 
