@@ -26,62 +26,20 @@
 //! The scenario prints `@ SUBJECT key=value ...` fact lines; the test
 //! asserts on them (a `why=` field takes the rest of its line).
 
-use std::collections::HashMap;
 use std::time::Duration;
 
-use harness::assets::{guest_kernel, minimal_image};
-use harness::{Asset, Scenario, Status, workspace_binary};
+use harness::Status;
+use harness::e2e::{self, FLEET_HELPERS, Facts, SHELL_HELPERS};
 
-/// The scenario (busybox sh in the L1; loopback only).
+/// The scenario (busybox sh in the L1; loopback only), after
+/// [`SHELL_HELPERS`] and [`FLEET_HELPERS`].
 const SCENARIO: &str = r#"
-set -u
-HC=host-credential-0123456789abcdef
-CC=client-credential-0123456789abcdef
-export KINDLING_SERVER=http://127.0.0.1:8080 KINDLING_CLIENT_CREDENTIAL=$CC
 W=/tmp/pools
 mkdir -p $W/jobs && cd $W || exit 1
-now() { cut -d' ' -f1 /proc/uptime; }
-T0=$(now)
-since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
-say() { echo "[$(since $T0) s] $*"; }
-fact() { echo "@ $*"; }
 
 # --- helpers -----------------------------------------------------------------
-# Host-agent log without colour codes.
-agent_log() { tr -d '\033' < $W/agent.log | sed 's/\[[0-9;]*m//g'; }
-dump() {
-    echo "--- host-agent log (tail) ---"; agent_log | tail -40
-    echo "--- orchestrator log (tail) ---"; tail -20 $W/orch.log
-}
-die() { say "FATAL: $*"; dump; exit 1; }
-# wait_for SECONDS WHAT COMMAND...: polls COMMAND; 1 on timeout.
-wait_for() {
-    limit=$1; what=$2; shift 2
-    start=$(now)
-    while ! "$@"; do
-        if [ "$(awk -v a="$start" -v b="$(now)" -v l="$limit" 'BEGIN { print (b - a >= l) }')" = 1 ]; then
-            say "timed out after ${limit} s waiting for: $what"
-            return 1
-        fi
-        sleep 0.3
-    done
-    say "$what ($(since $start) s)"
-}
-agent_metrics() { timeout 10 wget -q -O - http://127.0.0.1:9100/metrics 2>/dev/null; }
-orch_metric() { timeout 10 wget -q -O - http://127.0.0.1:8080/metrics 2>/dev/null | sed -n "s/^$1 //p"; }
-idle() { agent_metrics | grep -q "kindling_host_agent_vms{pool=\"$1\",state=\"idle\"} 1"; }
 both_idle() { idle a && idle b; }
-# Processes running the VMM binary, as "pid state" (state Z: a zombie).
-vmm_procs() {
-    for p in /proc/[0-9]*; do
-        [ "$(cat $p/comm 2>/dev/null)" = vmm ] || continue
-        echo "${p#/proc/} $(sed 's/^.*) //' $p/stat 2>/dev/null | cut -d' ' -f1)"
-    done
-}
-live_vmms() { vmm_procs | grep -vc ' Z$'; }
-zombie_vmms() { vmm_procs | grep -c ' Z$'; }
 vm_dirs() { ls $W/state/vms 2>/dev/null; }
-vm_dir_of() { vm_dirs | grep "^$1-"; }
 # api METHOD PATH BEARER [JSON]: a raw HTTP request over busybox nc (which
 # stops reading when its stdin ends, so stdin stays open until the answer is
 # in); prints the status code, leaves the body in $W/http.body.
@@ -98,40 +56,15 @@ api() {
     tr -d '\r' < $W/http.resp | sed '1,/^$/d' > $W/http.body
     sed -n '1s/^HTTP\/1\.1 \([0-9]*\).*/\1/p' $W/http.resp
 }
-# submit NAME [ARGS...]: `orchestrator submit jobs/NAME.yaml --follow` in the
-# background; stdout to jobs/NAME.out, stderr to jobs/NAME.err, exit code to
-# jobs/NAME.rc when it ends.
-submit() {
-    name=$1; shift
-    ( orchestrator submit $W/jobs/$name.yaml --follow "$@" > $W/jobs/$name.out 2> $W/jobs/$name.err
-      echo $? > $W/jobs/$name.rc ) &
-}
 job_id() { sed -n 's/^\[kindling\] submitted job //p' $W/jobs/$1.err; }
-ended() { [ -s $W/jobs/$1.rc ]; }
 # The host agent's VM for a job (from its "job acquired" log line).
 vm_of_job() { agent_log | grep "job acquired" | grep "job=$1" | sed 's/.* vm=\([^ ]*\) .*/\1/' | head -1; }
 # The final "[kindling] job ID STATE[: why]" line of a followed job.
 final_line() { grep "^\[kindling\] job " $W/jobs/$1.err | tail -1; }
-start_agent() {
-    RUST_LOG=info host-agent serve --config $W/agent.toml >> $W/agent.log 2>&1 &
-    AGENT=$!
-}
 
 # --- start the host --------------------------------------------------------
-cat > $W/agent.toml <<EOF
-host_id = "l1-host"
-state_dir = "$W/state"
-vmm = "$(command -v vmm)"
-metrics_listen = "127.0.0.1:9100"
+start_fleet 120 both_idle <<EOF
 shutdown_grace_secs = 20
-
-[orchestrator]
-url = "http://127.0.0.1:8080"
-host_credential = "$HC"
-
-[limits]
-vcpus = 2
-memory_mib = 512
 
 [[pool]]
 name = "a"
@@ -151,12 +84,6 @@ memory_mib = 192
 kernel = "$ASSETS/vmlinux"
 image = "$ASSETS/minimal.erofs"
 EOF
-orchestrator serve --listen 127.0.0.1:8080 --archive $W/archive \
-    --host-credential $HC --client-credential $CC > $W/orch.log 2>&1 &
-orch_up() { [ -n "$(orch_metric kindling_orchestrator_vms)" ]; }
-wait_for 15 "orchestrator up" orch_up || die "no orchestrator"
-start_agent
-wait_for 120 "both pools warm" both_idle || die "pools never became idle"
 
 # --- 1. a job no pool can run waits ----------------------------------------
 cat > $W/jobs/gpu.yaml <<EOF
@@ -189,7 +116,7 @@ EOF
     submit job$i --secret TOKEN=s3cr3t-value-$i
 done
 all_ended() { for i in 0 1 2 3 4 5 6 7 8 9; do ended job$i || return 1; done; }
-wait_for 300 "ten jobs ended" all_ended || { dump; die "the ten jobs did not end"; }
+wait_for 300 "ten jobs ended" all_ended || die "the ten jobs did not end"
 fact ten_jobs seconds=$(since $T)
 VMS=""
 for i in 0 1 2 3 4 5 6 7 8 9; do
@@ -259,14 +186,8 @@ submit orphan
 wait_for 60 "job running before the agent is killed" grep -q orphan-running $W/jobs/orphan.out || die "orphan job never started"
 OLD_PIDS=$(vmm_procs | grep -v ' Z$' | cut -d' ' -f1)
 OLD_DIRS=$(vm_dirs)
-# A healthy guest powers off when its host agent vanishes, and a stopped
-# VMM would get SIGHUP once its process group is orphaned: frozen VMMs
-# (cgroup v2 freezer) stand for wedged ones, which the restart must kill.
-mkdir -p /sys/fs/cgroup/wedged || die "no cgroup v2 in the L1"
-for pid in $OLD_PIDS; do echo $pid > /sys/fs/cgroup/wedged/cgroup.procs; done
-echo 1 > /sys/fs/cgroup/wedged/cgroup.freeze
-frozen() { grep -q '^frozen 1' /sys/fs/cgroup/wedged/cgroup.events; }
-wait_for 10 "VMMs frozen" frozen || die "cannot freeze the VMMs"
+# Frozen VMMs stand for wedged ones, which the restart must kill.
+freeze_vmms
 kill -9 $AGENT
 wait $AGENT 2>/dev/null
 sleep 1
@@ -335,72 +256,18 @@ fact token register=$register before=$before deregister=$deregister after=$after
 fact total seconds=$(since $T0)
 "#;
 
-/// The scenario's fact lines, by subject.
-struct Facts(HashMap<String, String>);
-
-impl Facts {
-    fn parse(output: &str) -> Facts {
-        Facts(
-            output
-                .lines()
-                .filter_map(|l| l.strip_prefix("@ "))
-                .filter_map(|l| l.split_once(' '))
-                .map(|(subject, rest)| (subject.to_string(), rest.to_string()))
-                .collect(),
-        )
-    }
-
-    /// Field `key` of `subject`: up to the next space, or the rest of the
-    /// line for `why`.
-    fn get(&self, subject: &str, key: &str) -> &str {
-        let rest = self
-            .0
-            .get(subject)
-            .unwrap_or_else(|| panic!("no fact line for {subject}"));
-        let at = format!("{key}=");
-        let start = if rest.starts_with(&at) {
-            at.len()
-        } else {
-            rest.find(&format!(" {at}"))
-                .map(|i| i + 1 + at.len())
-                .unwrap_or_else(|| panic!("no {key}= in '@ {subject} {rest}'"))
-        };
-        let value = &rest[start..];
-        if key == "why" {
-            value
-        } else {
-            value.split(' ').next().unwrap_or("")
-        }
-    }
-
-    fn seconds(&self, subject: &str) -> f64 {
-        self.get(subject, "seconds").parse().unwrap_or(f64::NAN)
-    }
-}
-
 #[test]
 fn two_pools_run_jobs_survive_failures_and_leave_nothing_behind() {
-    let kernel = guest_kernel().unwrap();
-    let image = minimal_image().unwrap();
-    let mut sc = Scenario::new("pools", SCENARIO);
-    sc.timeout = Duration::from_secs(600);
-    sc.bins = vec![
-        workspace_binary("vmm").unwrap(),
-        workspace_binary("host-agent").unwrap(),
-        // The host agent starts every VMM through it (jail on by default).
-        workspace_binary("kindling-jailer").unwrap(),
-        workspace_binary("orchestrator").unwrap(),
-    ];
-    sc.assets = vec![
-        Asset {
-            host_path: kernel,
-            name: "vmlinux".into(),
-        },
-        Asset {
-            host_path: image,
-            name: "minimal.erofs".into(),
-        },
-    ];
+    let sc = e2e::scenario(
+        "pools",
+        &format!("{SHELL_HELPERS}{FLEET_HELPERS}{SCENARIO}"),
+        Duration::from_secs(600),
+        // The host agent starts every VMM through the jailer (jail on by
+        // default).
+        &["vmm", "host-agent", "kindling-jailer", "orchestrator"],
+        &[],
+    )
+    .unwrap();
     let out = harness::run(&sc).unwrap();
     let context = format!("{}\n{}", out.report(), out.output);
     assert_eq!(out.status, Status::Exited(0), "{context}");
@@ -412,115 +279,127 @@ fn two_pools_run_jobs_survive_failures_and_leave_nothing_behind() {
     for i in 0..10 {
         let job = format!("job{i}");
         let pool = if i % 2 == 0 { "a" } else { "b" };
-        check(f.get(&job, "rc") == "0", &format!("{job} did not succeed"));
-        check(f.get(&job, "live") == "intact", &format!("{job} live log"));
         check(
-            f.get(&job, "archived") == "intact",
+            f.value(&job, "rc") == "0",
+            &format!("{job} did not succeed"),
+        );
+        check(
+            f.value(&job, "live") == "intact",
+            &format!("{job} live log"),
+        );
+        check(
+            f.value(&job, "archived") == "intact",
             &format!("{job} archived log"),
         );
-        check(f.get(&job, "secret") == "masked", &format!("{job} secret"));
-        check(f.get(&job, "stderr") == "yes", &format!("{job} stderr"));
         check(
-            f.get(&job, "pool") == pool,
+            f.value(&job, "secret") == "masked",
+            &format!("{job} secret"),
+        );
+        check(f.value(&job, "stderr") == "yes", &format!("{job} stderr"));
+        check(
+            f.value(&job, "pool") == pool,
             &format!("{job} ran on pool {pool}"),
         );
     }
-    check(f.get("vms", "distinct") == "10", "one VM per job");
+    check(f.value("vms", "distinct") == "10", "one VM per job");
 
     // The unmatched job waits and says why.
-    check(f.get("gpu", "state") == "queued", "gpu job state");
+    check(f.value("gpu", "state") == "queued", "gpu job state");
     check(
-        f.get("gpu", "why")
+        f.value("gpu", "why")
             .starts_with("no idle VM with labels [linux, gpu]: no registered VM has them"),
         "gpu job reason",
     );
     check(
-        f.get("gpu_cancel", "state") == "cancelled",
+        f.value("gpu_cancel", "state") == "cancelled",
         "a queued job can be cancelled",
     );
 
     // Cancel mid-step, and kill -9 of a VMM mid-job.
-    check(f.get("cancel", "rc") == "2", "cancelled job exit code");
+    check(f.value("cancel", "rc") == "2", "cancelled job exit code");
     check(
-        f.get("cancel", "why").ends_with(" cancelled: e2e cancel"),
+        f.value("cancel", "why").ends_with(" cancelled: e2e cancel"),
         "cancel reason",
     );
     check(
-        f.get("cancel", "stopped_mid_step") == "yes",
+        f.value("cancel", "stopped_mid_step") == "yes",
         "cancel mid-step",
     );
     check(
-        f.get("cancel", "vm_removed") == "yes",
+        f.value("cancel", "vm_removed") == "yes",
         "cancelled VM removed",
     );
-    check(f.get("crash", "rc") == "2", "crashed job exit code");
-    let crash = f.get("crash", "why");
+    check(f.value("crash", "rc") == "2", "crashed job exit code");
+    let crash = f.value("crash", "why");
     check(
         crash.starts_with("vm exited with signal: 9") && crash.contains("during step 1"),
         "crash reason",
     );
-    check(f.get("crash", "vm_removed") == "yes", "crashed VM removed");
     check(
-        f.get("after_failures", "pools_full") == "yes",
+        f.value("crash", "vm_removed") == "yes",
+        "crashed VM removed",
+    );
+    check(
+        f.value("after_failures", "pools_full") == "yes",
         "pools refilled",
     );
-    check(f.get("after_failures", "live_vmms") == "2", "two VMMs");
-    check(f.get("after_failures", "vm_dirs") == "2", "two VM dirs");
+    check(f.value("after_failures", "live_vmms") == "2", "two VMMs");
+    check(f.value("after_failures", "vm_dirs") == "2", "two VM dirs");
 
     // kill -9 of the agent, then a restart.
     check(
-        f.get("agent_killed", "live_vmms") == "2",
+        f.value("agent_killed", "live_vmms") == "2",
         "frozen VMMs outlive the killed agent",
     );
     check(
-        f.get("agent_killed", "vm_dirs") == "2",
+        f.value("agent_killed", "vm_dirs") == "2",
         "VM dirs outlive it",
     );
     check(
-        f.get("agent_killed", "registered") == "2",
+        f.value("agent_killed", "registered") == "2",
         "so do their registrations",
     );
     check(
-        f.get("restart", "cleanup_killed") == "2",
+        f.value("restart", "cleanup_killed") == "2",
         "the restarted agent killed the leftover VMMs",
     );
-    check(f.get("restart", "zombie_vmms") == "0", "no zombie VMM");
+    check(f.value("restart", "zombie_vmms") == "0", "no zombie VMM");
     check(
-        f.get("restart", "warm") == "yes",
+        f.value("restart", "warm") == "yes",
         "pools warm after restart",
     );
     check(
-        f.get("restart", "old_vmms_left") == "0",
+        f.value("restart", "old_vmms_left") == "0",
         "no orphan VMM after restart",
     );
     check(
-        f.get("restart", "old_dirs_left") == "0",
+        f.value("restart", "old_dirs_left") == "0",
         "no orphan VM dir after restart",
     );
     check(
-        f.get("restart", "live_vmms") == "2",
+        f.value("restart", "live_vmms") == "2",
         "two VMMs after restart",
     );
     check(
-        f.get("restart", "vm_dirs") == "2",
+        f.value("restart", "vm_dirs") == "2",
         "two VM dirs after restart",
     );
     check(
-        f.get("restart", "registered") == "2",
+        f.value("restart", "registered") == "2",
         "the dead agent's VMs are deregistered by its successor",
     );
     check(
-        f.get("orphan", "rc") == "2",
+        f.value("orphan", "rc") == "2",
         "the job running when the agent died ends",
     );
     check(
-        f.get("orphan", "why").contains("deregistered"),
+        f.value("orphan", "why").contains("deregistered"),
         "the interrupted job's reason",
     );
 
     // SIGTERM: the job within the grace period finishes, the other ends with
     // a reason, and nothing is left.
-    check(f.get("stop", "agent_rc") == "0", "agent exit code");
+    check(f.value("stop", "agent_rc") == "0", "agent exit code");
     // The configured grace (20 s) bounds the stop: the long job is cut off
     // after it, not after the 60 s default.
     let stop = f.seconds("stop");
@@ -529,31 +408,34 @@ fn two_pools_run_jobs_survive_failures_and_leave_nothing_behind() {
         "stop took the configured grace",
     );
     check(
-        f.get("grace", "rc") == "0",
+        f.value("grace", "rc") == "0",
         "job finishing within the grace",
     );
-    check(f.get("grace", "done") == "1", "grace job ran to its end");
-    check(f.get("long", "rc") == "2", "job outliving the grace ends");
+    check(f.value("grace", "done") == "1", "grace job ran to its end");
+    check(f.value("long", "rc") == "2", "job outliving the grace ends");
     check(
-        f.get("long", "why").contains("deregistered"),
+        f.value("long", "why").contains("deregistered"),
         "reason of the job outliving the grace",
     );
-    check(f.get("after_stop", "live_vmms") == "0", "no VMM left");
+    check(f.value("after_stop", "live_vmms") == "0", "no VMM left");
     check(
-        f.get("after_stop", "zombie_vmms") == "0",
+        f.value("after_stop", "zombie_vmms") == "0",
         "no zombie VMM left",
     );
-    check(f.get("after_stop", "vm_dirs") == "0", "no VM dir left");
-    check(f.get("after_stop", "registered") == "0", "no VM token left");
+    check(f.value("after_stop", "vm_dirs") == "0", "no VM dir left");
     check(
-        f.get("ran_vms", "still_registered") == "0",
+        f.value("after_stop", "registered") == "0",
+        "no VM token left",
+    );
+    check(
+        f.value("ran_vms", "still_registered") == "0",
         "the job VMs are unknown to the orchestrator",
     );
-    check(f.get("token", "register") == "201", "probe registration");
-    check(f.get("token", "before") == "200", "a live token acquires");
-    check(f.get("token", "deregister") == "204", "deregistration");
+    check(f.value("token", "register") == "201", "probe registration");
+    check(f.value("token", "before") == "200", "a live token acquires");
+    check(f.value("token", "deregister") == "204", "deregistration");
     check(
-        f.get("token", "after") == "401",
+        f.value("token", "after") == "401",
         "a deregistered token is refused",
     );
 
