@@ -76,20 +76,22 @@ pub fn scenario(
 /// Shell helpers for every scenario script (busybox `sh`), to put first.
 ///
 /// Sets `set -u` and `T0` (when the script started), and defines:
-/// * `now`: seconds since boot; `since T`: seconds from `T` (a `now`) to
-///   now, two decimals; `say TEXT...`: TEXT after the seconds since `T0`;
+/// * `now`: seconds since boot; `since T [UNTIL]`: seconds from `T` (a
+///   `now`) to `UNTIL` (another, or now), two decimals; `say TEXT...`:
+///   TEXT after the seconds since `T0`;
 /// * `fact SUBJECT key=value ...`: a fact line for [`Facts`];
 /// * `die TEXT...`: says `FATAL: TEXT`, runs `dump` (a no-op here, which a
 ///   script with logs to show redefines; [`FLEET_HELPERS`] does) and exits
 ///   1;
 /// * `wait_for SECONDS WHAT COMMAND...`: runs COMMAND every 0.3 s until it
-///   succeeds, then says WHAT and how long it took; after SECONDS, says
-///   what it timed out on and returns 1.
+///   succeeds, then sets `WAITED_UNTIL` to that moment (a `now`, for
+///   timings that saying must not lengthen) and says WHAT and how long it
+///   took; after SECONDS, says what it timed out on and returns 1.
 pub const SHELL_HELPERS: &str = r#"
 set -u
 now() { cut -d' ' -f1 /proc/uptime; }
 T0=$(now)
-since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
+since() { awk -v a="$1" -v b="${2:-$(now)}" 'BEGIN { printf "%.2f", b - a }'; }
 say() { echo "[$(since $T0) s] $*"; }
 fact() { echo "@ $*"; }
 dump() { :; }
@@ -105,7 +107,8 @@ wait_for() {
         fi
         sleep 0.3
     done
-    say "$what ($(since $start) s)"
+    WAITED_UNTIL=$(now)
+    say "$what ($(since $start $WAITED_UNTIL) s)"
 }
 "#;
 

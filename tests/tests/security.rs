@@ -19,61 +19,47 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use harness::assets::kernel_and_minimal_image;
-use harness::{Asset, Scenario, Status, workspace_binary};
+use harness::Outcome;
+use harness::e2e::{self, FLEET_HELPERS, Facts, SHELL_HELPERS};
 
-/// A scenario with the kernel, the minimal image, `host-agent`, `vmm` and
-/// `vmm-test-hooks`, and the given job files as assets.
-fn scenario(name: &str, script: &str, jobs: &[(&str, &str)]) -> Scenario {
-    let dir = std::env::temp_dir().join(format!("kindling-sec-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut sc = Scenario::new(name, script);
-    sc.timeout = Duration::from_secs(420);
-    sc.bins = vec![
-        workspace_binary("vmm").unwrap(),
-        workspace_binary("host-agent").unwrap(),
-        // The host agent starts every VMM through it (jail on by default).
-        workspace_binary("kindling-jailer").unwrap(),
-        hooked_vmm(),
-    ];
-    sc.assets = kernel_and_minimal_image().unwrap();
-    for (file, text) in jobs {
-        let path = dir.join(file);
-        std::fs::write(&path, text).unwrap();
-        sc.assets.push(Asset {
-            host_path: path,
-            name: (*file).into(),
-        });
-    }
-    sc
+/// Runs `script` with the kernel, the minimal image, `host-agent` with its
+/// jailer, `vmm` and `vmm-test-hooks`, the `more` workspace binaries, and
+/// the given job files as assets; asserts that it exited 0.
+fn run_ok(
+    name: &str,
+    script: &str,
+    timeout_secs: u64,
+    more: &[&str],
+    jobs: &[(&str, &str)],
+) -> Outcome {
+    // The host agent starts every VMM through the jailer (jail on by
+    // default).
+    let bins = [&["vmm", "host-agent", "kindling-jailer"], more].concat();
+    let mut sc =
+        e2e::scenario(name, script, Duration::from_secs(timeout_secs), &bins, jobs).unwrap();
+    sc.bins.push(hooked_vmm());
+    let out = harness::run(&sc).unwrap();
+    // The report says how it ended.
+    assert!(out.success(), "{}\n{}", out.report(), out.output);
+    out
 }
 
 /// The test-hooks VMM (`cargo build -p vmm --features test-hooks --bin
 /// vmm-test-hooks`; scripts/test.sh does it).
 fn hooked_vmm() -> PathBuf {
-    workspace_binary("vmm-test-hooks").unwrap_or_else(|e| {
+    harness::workspace_binary("vmm-test-hooks").unwrap_or_else(|e| {
         panic!("{e}: build it with `cargo build -p vmm --features test-hooks --bin vmm-test-hooks`")
     })
 }
 
-/// Shell helpers shared by the scenarios.
+/// Shell helpers of the single-shot scenarios, after [`SHELL_HELPERS`].
 const PRELUDE: &str = r#"
-set -u
-fact() { echo "@ $*"; }
-now() { cut -d' ' -f1 /proc/uptime; }
 # run_agent NAME JOB VMM [SECRET]: host-agent run in the background, output
 # to /tmp/NAME.log, state under /tmp/NAME-state.
 run_agent() {
     host-agent run "$ASSETS/$2" --secret "TOKEN=${4:-none-given}" --vmm "$(command -v $3)" \
         --kernel "$ASSETS/vmlinux" --image "$ASSETS/minimal.erofs" --memory-mib 256 \
         --state-dir "/tmp/$1-state" > "/tmp/$1.log" 2>&1 &
-}
-# wait_log NAME TEXT SECONDS: waits until /tmp/NAME.log contains TEXT.
-wait_log() {
-    i=0
-    while ! grep -q "$2" "/tmp/$1.log" 2>/dev/null; do
-        i=$((i+1)); [ $i -gt $(($3 * 5)) ] && return 1; sleep 0.2
-    done
 }
 # vmm_pid: pid of the (only) process named vmm or vmm-test-hooks.
 vmm_pid() {
@@ -82,33 +68,6 @@ vmm_pid() {
     done
 }
 "#;
-
-/// Parses `@ SUBJECT k=v ...` lines into (subject, key, value) triples.
-fn facts(output: &str) -> Vec<(String, String, String)> {
-    let mut out = Vec::new();
-    for line in output.lines() {
-        let Some(rest) = line.trim().strip_prefix("@ ") else {
-            continue;
-        };
-        let mut words = rest.split_whitespace();
-        let Some(subject) = words.next() else {
-            continue;
-        };
-        for word in words {
-            if let Some((k, v)) = word.split_once('=') {
-                out.push((subject.to_string(), k.to_string(), v.to_string()));
-            }
-        }
-    }
-    out
-}
-
-fn fact<'a>(facts: &'a [(String, String, String)], subject: &str, key: &str) -> Option<&'a str> {
-    facts
-        .iter()
-        .find(|(s, k, _)| s == subject && k == key)
-        .map(|(_, _, v)| v.as_str())
-}
 
 const CONFINED_JOB: &str = "name: confined
 runs-on: [linux]
@@ -126,7 +85,7 @@ const CONFINED_SCRIPT: &str = r#"
 SECRET=s3cr3t-Value-8d1f0c
 run_agent confined confined.yaml vmm "$SECRET"
 agent=$!
-wait_log confined job-is-running 240 || { cat /tmp/confined.log; fact error why=job-never-ran; exit 1; }
+wait_for 240 "the job running" grep -qs job-is-running /tmp/confined.log || { cat /tmp/confined.log; fact error why=job-never-ran; exit 1; }
 pid=$(vmm_pid)
 [ -n "$pid" ] || { fact error why=no-vmm-process; exit 1; }
 fact vmm pid=$pid
@@ -168,61 +127,56 @@ tail -5 /tmp/confined.log
 
 #[test]
 fn a_running_vmm_is_confined() {
-    let script = format!("{PRELUDE}{CONFINED_SCRIPT}");
-    let out = harness::run(&scenario(
-        "sec-confined",
-        &script,
-        &[("confined.yaml", CONFINED_JOB)],
-    ))
-    .unwrap();
+    let script = format!("{SHELL_HELPERS}{PRELUDE}{CONFINED_SCRIPT}");
+    let jobs = [("confined.yaml", CONFINED_JOB)];
+    let out = run_ok("sec-confined", &script, 420, &[], &jobs);
     let o = &out.output;
-    assert_eq!(out.status, Status::Exited(0), "{}\n{o}", out.report());
-    let f = facts(o);
-    let threads: u32 = fact(&f, "seccomp", "threads").unwrap().parse().unwrap();
+    let f = Facts::parse(o);
+    let threads: u32 = f.get("seccomp", "threads").unwrap().parse().unwrap();
     // main + 1 vCPU + device thread at least.
     assert!(threads >= 3, "{o}");
     assert_eq!(
-        fact(&f, "seccomp", "filtered"),
+        f.get("seccomp", "filtered"),
         Some(&*threads.to_string()),
         "{o}"
     );
-    assert_eq!(fact(&f, "nnp", "value"), Some("1"), "{o}");
+    assert_eq!(f.get("nnp", "value"), Some("1"), "{o}");
     // Jail: own unprivileged ids from the configured range, no capabilities,
     // PID 1 of its own PID namespace.
-    let uid: u32 = fact(&f, "ids", "uid").unwrap().parse().unwrap();
+    let uid: u32 = f.get("ids", "uid").unwrap().parse().unwrap();
     assert!(uid >= 900_000, "{o}");
-    assert_eq!(fact(&f, "ids", "gid"), Some(&*uid.to_string()), "{o}");
-    assert_eq!(fact(&f, "ids", "capeff"), Some("0000000000000000"), "{o}");
-    assert_eq!(fact(&f, "ids", "nspid"), Some("1"), "{o}");
+    assert_eq!(f.get("ids", "gid"), Some(&*uid.to_string()), "{o}");
+    assert_eq!(f.get("ids", "capeff"), Some("0000000000000000"), "{o}");
+    assert_eq!(f.get("ids", "nspid"), Some("1"), "{o}");
     for ns in ["mnt", "pid", "ipc"] {
-        assert_eq!(fact(&f, "ns", ns), Some("own"), "{ns}: {o}");
+        assert_eq!(f.get("ns", ns), Some("own"), "{ns}: {o}");
     }
     // cgroup: 256 MiB guest + 64 MiB overhead, 64 pids, 1 vCPU of CPU.
-    assert_eq!(fact(&f, "cgroup", "named"), Some("kindling"), "{o}");
+    assert_eq!(f.get("cgroup", "named"), Some("kindling"), "{o}");
     assert_eq!(
-        fact(&f, "cgroup", "memory"),
+        f.get("cgroup", "memory"),
         Some(&*((256u64 + 64) << 20).to_string()),
         "{o}"
     );
-    assert_eq!(fact(&f, "cgroup", "pids"), Some("64"), "{o}");
-    assert_eq!(fact(&f, "cgroup", "cpu"), Some("100000"), "{o}");
-    assert_eq!(fact(&f, "rlimit", "core"), Some("0"), "{o}");
-    assert_eq!(fact(&f, "rlimit", "nofile"), Some("1024"), "{o}");
+    assert_eq!(f.get("cgroup", "pids"), Some("64"), "{o}");
+    assert_eq!(f.get("cgroup", "cpu"), Some("100000"), "{o}");
+    assert_eq!(f.get("rlimit", "core"), Some("0"), "{o}");
+    assert_eq!(f.get("rlimit", "nofile"), Some("1024"), "{o}");
     // Its root holds only what it needs: no /etc, /proc, /bin; one VM dir;
     // of the assets only the kernel and the image.
-    assert_eq!(fact(&f, "root", "etc"), Some("absent"), "{o}");
-    assert_eq!(fact(&f, "root", "proc"), Some("absent"), "{o}");
-    assert_eq!(fact(&f, "root", "bin"), Some("absent"), "{o}");
-    assert_eq!(fact(&f, "root", "vmdirs"), Some("1"), "{o}");
-    assert_eq!(fact(&f, "root", "assets"), Some("2"), "{o}");
-    assert_eq!(fact(&f, "agent", "rc"), Some("0"), "{o}");
+    assert_eq!(f.get("root", "etc"), Some("absent"), "{o}");
+    assert_eq!(f.get("root", "proc"), Some("absent"), "{o}");
+    assert_eq!(f.get("root", "bin"), Some("absent"), "{o}");
+    assert_eq!(f.get("root", "vmdirs"), Some("1"), "{o}");
+    assert_eq!(f.get("root", "assets"), Some("2"), "{o}");
+    assert_eq!(f.get("agent", "rc"), Some("0"), "{o}");
     assert_ne!(
-        fact(&f, "serial", "bytes"),
+        f.get("serial", "bytes"),
         Some("0"),
         "no serial capture to check:\n{o}"
     );
-    assert_eq!(fact(&f, "secret", "leaks"), Some("0"), "{o}");
-    assert_eq!(fact(&f, "secret", "masked"), Some("1"), "{o}");
+    assert_eq!(f.get("secret", "leaks"), Some("0"), "{o}");
+    assert_eq!(f.get("secret", "masked"), Some("1"), "{o}");
 }
 
 const HOOK_JOB: &str = "name: escape-attempt
@@ -251,19 +205,18 @@ fact left vmms=$vmms dirs=$(ls /tmp/hook-state/vms | wc -l)
 
 #[test]
 fn a_forbidden_syscall_kills_the_vmm_and_the_job_says_so() {
-    let script = format!("{PRELUDE}{HOOK_SCRIPT}");
-    let out = harness::run(&scenario("sec-hook", &script, &[("hook.yaml", HOOK_JOB)])).unwrap();
+    let script = format!("{SHELL_HELPERS}{PRELUDE}{HOOK_SCRIPT}");
+    let out = run_ok("sec-hook", &script, 420, &[], &[("hook.yaml", HOOK_JOB)]);
     let o = &out.output;
-    assert_eq!(out.status, Status::Exited(0), "{}\n{o}", out.report());
-    let f = facts(o);
+    let f = Facts::parse(o);
     assert!(o.contains("before-the-attempt"), "the job never ran:\n{o}");
-    assert_eq!(fact(&f, "job", "survived"), None, "the VMM survived:\n{o}");
-    assert_eq!(fact(&f, "reason", "seccomp"), Some("1"), "{o}");
-    assert_eq!(fact(&f, "reason", "sigsys"), Some("1"), "{o}");
+    assert_eq!(f.get("job", "survived"), None, "the VMM survived:\n{o}");
+    assert_eq!(f.get("reason", "seccomp"), Some("1"), "{o}");
+    assert_eq!(f.get("reason", "sigsys"), Some("1"), "{o}");
     // `host-agent run` exits 2 for infrastructure errors.
-    assert_eq!(fact(&f, "agent", "rc"), Some("2"), "{o}");
-    assert_eq!(fact(&f, "left", "vmms"), Some("0"), "{o}");
-    assert_eq!(fact(&f, "left", "dirs"), Some("0"), "{o}");
+    assert_eq!(f.get("agent", "rc"), Some("2"), "{o}");
+    assert_eq!(f.get("left", "vmms"), Some("0"), "{o}");
+    assert_eq!(f.get("left", "dirs"), Some("0"), "{o}");
 }
 
 /// The daemon (orchestrator + host agent with a "quiet" and a "noisy" pool,
@@ -271,44 +224,19 @@ fn a_forbidden_syscall_kills_the_vmm_and_the_job_says_so() {
 /// one is within 2x) while the noisy VM runs a fork bomb, a disk filler, a
 /// CPU spinner, a log flood and a serial flood.
 const NOISY_SCRIPT: &str = r#"
-HC=host-credential-0123456789abcdef
-CC=client-credential-0123456789abcdef
-export KINDLING_SERVER=http://127.0.0.1:8080 KINDLING_CLIENT_CREDENTIAL=$CC
 W=/tmp/noisy
 mkdir -p $W/jobs && cd $W || exit 1
-since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
-wait_for() {
-    limit=$1; shift; start=$(now)
-    while ! "$@"; do
-        [ "$(awk -v a="$start" -v b="$(now)" -v l="$limit" 'BEGIN { print (b - a >= l) }')" = 1 ] && return 1
-        sleep 0.3
+# CPU time (clock ticks) of a process, and of the VMM in cgroup kindling/$1-*.
+ticks() { awk '{print $14 + $15}' /proc/$1/stat 2>/dev/null || echo 0; }
+vmm_in() {
+    for c in /proc/[0-9]*/comm; do
+        [ "$(cat $c 2>/dev/null)" = vmm ] || continue
+        p=${c#/proc/}; p=${p%/comm}
+        grep -q "kindling/$1-" /proc/$p/cgroup 2>/dev/null && { echo $p; return; }
     done
 }
-agent_metrics() { timeout 10 wget -q -O - http://127.0.0.1:9100/metrics 2>/dev/null; }
-idle() { agent_metrics | grep -q "kindling_host_agent_vms{pool=\"$1\",state=\"idle\"} 1"; }
-submit() {
-    name=$1
-    ( orchestrator submit $W/jobs/$name.yaml --follow > $W/jobs/$name.out 2> $W/jobs/$name.err
-      echo $? > $W/jobs/$name.rc ) &
-}
-ended() { [ -s $W/jobs/$1.rc ]; }
-dump() { echo "--- agent log"; tail -30 $W/agent.log; echo "--- orchestrator log"; tail -10 $W/orch.log; }
-die() { echo "FATAL: $*"; dump; exit 1; }
-
-cat > $W/agent.toml <<END_OF_CONFIG
-host_id = "l1-host"
-state_dir = "$W/state"
-vmm = "$(command -v vmm)"
-metrics_listen = "127.0.0.1:9100"
-
-[orchestrator]
-url = "http://127.0.0.1:8080"
-host_credential = "$HC"
-
-[limits]
-vcpus = 2
-memory_mib = 512
-
+both_idle() { idle quiet && idle noisy; }
+start_fleet 180 both_idle <<END_OF_CONFIG
 [[pool]]
 name = "quiet"
 labels = ["linux", "quiet"]
@@ -330,22 +258,6 @@ image = "$ASSETS/minimal.erofs"
 # pool's log rate is capped, so its flood slows down inside its own VM.
 log_kib_per_sec = 256
 END_OF_CONFIG
-orchestrator serve --listen 127.0.0.1:8080 --archive $W/archive \
-    --host-credential $HC --client-credential $CC > $W/orch.log 2>&1 &
-ORCH=$!
-RUST_LOG=info host-agent serve --config $W/agent.toml > $W/agent.log 2>&1 &
-AGENT=$!
-# CPU time (clock ticks) of a process, and of the VMM in cgroup kindling/$1-*.
-ticks() { awk '{print $14 + $15}' /proc/$1/stat 2>/dev/null || echo 0; }
-vmm_in() {
-    for c in /proc/[0-9]*/comm; do
-        [ "$(cat $c 2>/dev/null)" = vmm ] || continue
-        p=${c#/proc/}; p=${p%/comm}
-        grep -q "kindling/$1-" /proc/$p/cgroup 2>/dev/null && { echo $p; return; }
-    done
-}
-both_idle() { idle quiet && idle noisy; }
-wait_for 180 both_idle || die "pools never became idle"
 
 for n in 1 2 3 4; do
 cat > $W/jobs/quiet$n.yaml <<'END_OF_JOB'
@@ -381,15 +293,15 @@ END_OF_JOB
 
 # 1. solo
 T=$(now); submit quiet1
-wait_for 240 ended quiet1 || die "the solo quiet job did not end"
-SOLO_SECONDS=$(since $T)
+wait_for 240 "the solo quiet job ended" ended quiet1 || die "the solo quiet job did not end"
+SOLO_SECONDS=$(since $T $WAITED_UNTIL)
 fact solo seconds=$SOLO_SECONDS rc=$(cat $W/jobs/quiet1.rc) guest=$(sed -n 's/^guest-seconds //p' $W/jobs/quiet1.out)
-wait_for 180 idle quiet || die "no new quiet VM"
+wait_for 180 "a new quiet VM" idle quiet || die "no new quiet VM"
 
 # 2. with a noisy neighbour
 submit noisy
 noise() { grep -q noise-started $W/jobs/noisy.out 2>/dev/null; }
-wait_for 240 noise || die "the noisy job never started"
+wait_for 240 "the noisy job running" noise || die "the noisy job never started"
 sleep 15
 worst=0
 NOISY_VMM=$(vmm_in noisy)
@@ -402,7 +314,7 @@ a0=$(ticks $AGENT); o0=$(ticks $ORCH); n0=$(ticks $NOISY_VMM)
 # shared by QEMU's vCPU threads and whatever else runs there), which can
 # halve the L1's second vCPU for seconds at a time.
 for n in 2 3 4; do
-    wait_for 180 idle quiet || die "no idle quiet VM for trial $n"
+    wait_for 180 "an idle quiet VM for trial $n" idle quiet || die "no idle quiet VM for trial $n"
     T=$(now); submit quiet$n
     while ! ended quiet$n; do
         m0=$(now)
@@ -427,38 +339,31 @@ dump
 
 #[test]
 fn a_noisy_neighbour_does_not_slow_another_vm_beyond_twice_its_solo_time() {
-    let script = format!("{PRELUDE}{NOISY_SCRIPT}");
-    let mut sc = scenario("sec-noisy", &script, &[]);
-    sc.bins.push(workspace_binary("orchestrator").unwrap());
-    sc.timeout = Duration::from_secs(900);
-    let out = harness::run(&sc).unwrap();
+    let script = format!("{SHELL_HELPERS}{FLEET_HELPERS}{NOISY_SCRIPT}");
+    let out = run_ok("sec-noisy", &script, 900, &["orchestrator"], &[]);
     let o = &out.output;
-    assert_eq!(out.status, Status::Exited(0), "{}\n{o}", out.report());
-    let f = facts(o);
+    let f = Facts::parse(o);
     let secs = |subject| -> f64 {
-        fact(&f, subject, "seconds")
+        f.get(subject, "seconds")
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("no {subject} time:\n{o}"))
     };
-    assert_eq!(fact(&f, "solo", "rc"), Some("0"), "{o}");
-    assert_eq!(fact(&f, "noisy", "rc"), Some("0"), "{o}");
+    assert_eq!(f.get("solo", "rc"), Some("0"), "{o}");
+    assert_eq!(f.get("noisy", "rc"), Some("0"), "{o}");
     // The noise must still be there when the quiet job ends, or the timing
     // proves nothing.
-    assert_eq!(fact(&f, "neighbour", "still_running"), Some("1"), "{o}");
+    assert_eq!(f.get("neighbour", "still_running"), Some("1"), "{o}");
     let (solo, noisy) = (secs("solo"), secs("noisy"));
-    let trials = fact(&f, "noisy", "trials").unwrap_or("?");
+    let trials = f.get("noisy", "trials").unwrap_or("?");
     assert!(
         noisy <= 2.0 * solo,
         "solo {solo} s, with a noisy neighbour {noisy} s (the last of {trials} trials):\n{o}"
     );
-    assert_eq!(fact(&f, "metrics", "answered"), None, "{o}");
-    let worst: f64 = fact(&f, "metrics", "worst_seconds")
-        .unwrap()
-        .parse()
-        .unwrap();
+    assert_eq!(f.get("metrics", "answered"), None, "{o}");
+    let worst: f64 = f.get("metrics", "worst_seconds").unwrap().parse().unwrap();
     assert!(worst < 5.0, "metrics took {worst} s:\n{o}");
-    assert_eq!(fact(&f, "agent", "alive"), Some("1"), "{o}");
-    assert_eq!(fact(&f, "isolation", "vms"), Some("2"), "{o}");
-    assert_eq!(fact(&f, "isolation", "noisy_sees"), Some("1"), "{o}");
-    assert_eq!(fact(&f, "isolation", "quiet_sees"), Some("1"), "{o}");
+    assert_eq!(f.get("agent", "alive"), Some("1"), "{o}");
+    assert_eq!(f.get("isolation", "vms"), Some("2"), "{o}");
+    assert_eq!(f.get("isolation", "noisy_sees"), Some("1"), "{o}");
+    assert_eq!(f.get("isolation", "quiet_sees"), Some("1"), "{o}");
 }
