@@ -14,8 +14,8 @@
 
 use std::time::Duration;
 
-use harness::assets::kernel_and_minimal_image;
-use harness::{Asset, Scenario, Status, workspace_binary};
+use harness::e2e::{self, FLEET_HELPERS, Facts, SHELL_HELPERS, field};
+use harness::{Scenario, Status};
 
 /// L1 modules for taps, veths, nftables, conntrack and NAT.
 const MODULES: &[&str] = &[
@@ -30,14 +30,23 @@ const MODULES: &[&str] = &[
     "nft_chain_nat",
 ];
 
-/// Sets up the internet and lan namespaces and the host listeners; defines
-/// `fact`, `run_job` and `leftovers`.
-const SETUP: &str = r#"
-set -u
-fact() { echo "@ $*"; }
-die() { echo "FATAL: $*"; exit 1; }
+/// Helpers of both scenarios, after [`SHELL_HELPERS`] (and
+/// [`FLEET_HELPERS`]).
+const NET_HELPERS: &str = r#"
 # iproute2's ip (busybox sh would run its own applet, which lacks netns).
 ip() { /usr/local/bin/ip "$@"; }
+# net_state: what VMs could have left on the host's network, as fields.
+net_state() {
+    echo taps=$(ip -o link | grep -c ' kdl') \
+        addrs=$(ip -o addr | grep -c '198\.18\.') routes=$(ip route | grep -c '198\.18\.') \
+        table=$(nft list tables | grep -c kindling) \
+        elements=$( (nft list table inet kindling 2>/dev/null || true) | grep -o '"kdl[0-9]*"' | wc -l)
+}
+"#;
+
+/// Sets up the internet and lan namespaces and the host listeners; defines
+/// `run_job` and `leftovers`.
+const SETUP: &str = r#"
 W=/tmp/net; mkdir -p $W/www && cd $W || exit 1
 
 # --- the "internet" ------------------------------------------------------
@@ -87,59 +96,21 @@ run_job() {
     sed "s/^/[$name] /" $W/$name.out
     fact job name=$name rc=$rc
 }
-# What a VM could have left on the host.
-leftovers() {
-    fact leftovers when=$1 taps=$(ip -o link | grep -c ' kdl') \
-        addrs=$(ip -o addr | grep -c '198\.18\.') routes=$(ip route | grep -c '198\.18\.') \
-        table=$(nft list tables | grep -c kindling) \
-        elements=$( (nft list table inet kindling 2>/dev/null || true) | grep -o '"kdl[0-9]*"' | wc -l)
-}
+# leftovers WHEN: what a VM could have left on the host, at WHEN.
+leftovers() { fact leftovers when=$1 $(net_state); }
 "#;
 
 /// The daemon path: `orchestrator serve` + `host-agent serve` with a NAT
 /// pool of two VMs.
 const DAEMON: &str = r#"
-set -u
-fact() { echo "@ $*"; }
-die() { echo "FATAL: $*"; dump; exit 1; }
-ip() { /usr/local/bin/ip "$@"; }
-HC=host-credential-0123456789abcdef
-CC=client-credential-0123456789abcdef
-export KINDLING_SERVER=http://127.0.0.1:8080 KINDLING_CLIENT_CREDENTIAL=$CC
 W=/tmp/net2; mkdir -p $W/jobs && cd $W || exit 1
-dump() { echo "--- agent log ---"; tail -30 $W/agent.log; }
-# wait_for TENTHS COMMAND...: polls COMMAND every 0.1 s.
-wait_for() { n=$1; shift; while ! "$@"; do n=$((n - 1)); [ $n -gt 0 ] || return 1; sleep 0.1; done; }
-idle() { wget -q -O - http://127.0.0.1:9100/metrics 2>/dev/null | grep -q 'kindling_host_agent_vms{pool="n",state="idle"} 2'; }
-# Live (not zombie) VMM processes.
-vmms() {
-    n=0
-    for p in /proc/[0-9]*; do
-        [ "$(cat $p/comm 2>/dev/null)" = vmm ] || continue
-        [ "$(sed 's/^.*) //' $p/stat 2>/dev/null | cut -d' ' -f1)" = Z ] || n=$((n+1))
-    done
-    echo $n
-}
+warm() { idle n 2; }
 state() {
-    fact state when=$1 taps=$(ip -o link | grep -c ' kdl') \
-        addrs=$(ip -o addr | grep -c '198\.18\.') routes=$(ip route | grep -c '198\.18\.') \
-        table=$(nft list tables | grep -c kindling) \
-        elements=$( (nft list table inet kindling 2>/dev/null || true) | grep -o '"kdl[0-9]*"' | wc -l) \
-        vmms=$(vmms) dirs=$(ls $W/state/vms 2>/dev/null | wc -l)
+    fact state when=$1 $(net_state) vmms=$(live_vmms) dirs=$(ls $W/state/vms 2>/dev/null | wc -l)
 }
-cat > $W/agent.toml <<EOF
-host_id = "l1-host"
-state_dir = "$W/state"
-vmm = "$(command -v vmm)"
-metrics_listen = "127.0.0.1:9100"
+start_fleet 180 warm <<EOF
 [network]
 dns = "203.0.113.53"
-[orchestrator]
-url = "http://127.0.0.1:8080"
-host_credential = "$HC"
-[limits]
-vcpus = 2
-memory_mib = 512
 [[pool]]
 name = "n"
 labels = ["linux"]
@@ -150,11 +121,6 @@ kernel = "$ASSETS/vmlinux"
 image = "$ASSETS/minimal.erofs"
 network = "nat"
 EOF
-orchestrator serve --listen 127.0.0.1:8080 --archive $W/archive \
-    --host-credential $HC --client-credential $CC > $W/orch.log 2>&1 &
-RUST_LOG=info host-agent serve --config $W/agent.toml >> $W/agent.log 2>&1 &
-AGENT=$!
-wait_for 1800 idle || die "the pool never became idle"
 state warm
 
 # --- two VMs at once cannot reach each other ------------------------------
@@ -170,9 +136,8 @@ steps:
       wait
       if grep -q hello-from-b /tmp/got; then echo "listener GOT a connection"; else echo "listener saw nothing"; fi
 EOF
-( orchestrator submit $W/jobs/a.yaml --follow > $W/jobs/a.out 2>&1; echo $? > $W/jobs/a.rc ) &
-listening() { grep -q "listening at" $W/jobs/a.out; }
-wait_for 600 listening || die "job a never listened"
+submit a
+wait_for 60 "job a listening" grep -q "listening at" $W/jobs/a.out || die "job a never listened"
 A=$(sed -n 's/^listening at //p' $W/jobs/a.out)
 fact a addr=$A
 cat > $W/jobs/b.yaml <<EOF
@@ -189,83 +154,41 @@ steps:
 EOF
 orchestrator submit $W/jobs/b.yaml --follow > $W/jobs/b.out 2>&1; echo "b rc=$?"
 cat $W/jobs/b.out
-a_done() { [ -s $W/jobs/a.rc ]; }
-wait_for 600 a_done || die "job a never ended"
-cat $W/jobs/a.out
+wait_for 60 "job a ended" ended a || die "job a never ended"
+cat $W/jobs/a.out $W/jobs/a.err
 
 # --- kill -9 of the agent, then the start-up clean-up ---------------------
-wait_for 1800 idle || die "the pool was not replaced"
+wait_for 180 "the pool replaced" warm || die "the pool was not replaced"
 state before-crash
-# Freeze the VMMs first (cgroup v2 freezer; a stopped process would get
-# SIGHUP once its process group is orphaned): they stand for wedged ones,
-# since a healthy guest powers off by itself when its agent's channel
-# closes, so the clean-up has processes to kill as well as taps and rules.
-mkdir -p /sys/fs/cgroup/wedged || die "no cgroup v2 in the L1"
-for p in /proc/[0-9]*; do
-    [ "$(cat $p/comm 2>/dev/null)" = vmm ] && echo ${p#/proc/} > /sys/fs/cgroup/wedged/cgroup.procs
-done
-echo 1 > /sys/fs/cgroup/wedged/cgroup.freeze
-frozen() { grep -q '^frozen 1' /sys/fs/cgroup/wedged/cgroup.events; }
-wait_for 100 frozen || die "cannot freeze the VMMs"
+# Frozen VMMs stand for wedged ones, so that the clean-up has processes to
+# kill as well as taps and rules.
+freeze_vmms
 kill -9 $AGENT; wait $AGENT 2>/dev/null; sleep 0.5
 state crashed
 host-agent cleanup --config $W/agent.toml; echo "cleanup rc=$?"
 state after-cleanup
 rmdir /sys/fs/cgroup/wedged
 # --- a restart, then a clean stop ------------------------------------------
-RUST_LOG=info host-agent serve --config $W/agent.toml >> $W/agent.log 2>&1 &
-AGENT=$!
-wait_for 1800 idle || die "no pool after the restart"
+start_agent
+wait_for 180 "the pool after the restart" warm || die "no pool after the restart"
 state restarted
 kill -TERM $AGENT; wait $AGENT
 state stopped
 "#;
 
-fn job_file(dir: &std::path::Path, name: &str, text: &str) -> Asset {
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    Asset {
-        host_path: path,
-        name: name.into(),
-    }
-}
-
 fn scenario(name: &str, script: &str, jobs: &[(&str, &str)]) -> Scenario {
-    let dir = std::env::temp_dir().join(format!("kindling-e2e-net-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut sc = Scenario::new(name, script);
-    sc.timeout = Duration::from_secs(600);
-    sc.bins = vec![
-        workspace_binary("vmm").unwrap(),
-        workspace_binary("host-agent").unwrap(),
-        workspace_binary("kindling-jailer").unwrap(),
-        workspace_binary("netlab").unwrap(),
-        workspace_binary("orchestrator").unwrap(),
-        "/usr/sbin/nft".into(),
-        "/usr/sbin/ip".into(),
+    let bins = [
+        "vmm",
+        "host-agent",
+        "kindling-jailer",
+        "netlab",
+        "orchestrator",
+        "/usr/sbin/nft",
+        "/usr/sbin/ip",
     ];
+    let mut sc = e2e::scenario(name, script, Duration::from_secs(600), &bins, jobs).unwrap();
     sc.modules = MODULES.iter().map(|m| m.to_string()).collect();
-    sc.assets = kernel_and_minimal_image().unwrap();
-    for (file, text) in jobs {
-        sc.assets.push(job_file(&dir, file, text));
-    }
     sc
-}
-
-/// `@ SUBJECT key=value ...` lines of the output whose subject (and, if
-/// given, first pair) match.
-fn facts<'a>(output: &'a str, subject: &str) -> Vec<&'a str> {
-    let prefix = format!("@ {subject} ");
-    output
-        .lines()
-        .filter_map(|l| l.strip_prefix(&prefix))
-        .collect()
-}
-
-fn value<'a>(fact: &'a str, key: &str) -> &'a str {
-    fact.split_whitespace()
-        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
-        .unwrap_or_else(|| panic!("no {key}= in {fact:?}"))
 }
 
 const FETCH_AND_PROBE: &str = r#"name: net
@@ -322,7 +245,7 @@ run_job limited $ASSETS/limited.yaml --rx-bytes-per-sec RX_LIMIT
     .replace("RX_LIMIT", &RX_LIMIT.to_string());
     let sc = scenario(
         "net-fetch",
-        &format!("{SETUP}\n{body}"),
+        &format!("{SHELL_HELPERS}{NET_HELPERS}{SETUP}\n{body}"),
         &[
             ("fetch.yaml", FETCH_AND_PROBE),
             ("offline.yaml", NO_NETWORK),
@@ -332,19 +255,18 @@ run_job limited $ASSETS/limited.yaml --rx-bytes-per-sec RX_LIMIT
     let out = harness::run(&sc).unwrap();
     let o = &out.output;
     assert_eq!(out.status, Status::Exited(0), "{}\n{o}", out.report());
-    let controls = facts(o, "controls");
+    let f = Facts::parse(o);
     assert_eq!(
-        controls,
+        f.lines("controls"),
         ["lan=4 host=3"],
         "listeners must answer the L1:\n{o}"
     );
-    let jobs = facts(o, "job");
     assert_eq!(
-        jobs,
+        f.lines("job"),
         ["name=fetch rc=0", "name=offline rc=0", "name=limited rc=0"],
         "{o}"
     );
-    let blob = value(facts(o, "blob")[0], "sha");
+    let blob = f.value("blob", "sha");
     assert!(o.contains(&format!("fetched sha={blob}")), "{o}");
     assert!(o.contains("resolv: nameserver 198.18.0.1"), "{o}");
     let blocked = o.lines().filter(|l| l.contains("probe blocked")).count();
@@ -354,16 +276,14 @@ run_job limited $ASSETS/limited.yaml --rx-bytes-per-sec RX_LIMIT
     );
     assert!(!o.contains("probe REACHED"), "{o}");
     assert_eq!(
-        facts(o, "listeners"),
+        f.lines("listeners"),
         ["lan=0 host=0"],
         "a listener saw traffic:\n{o}"
     );
-    for when in ["when=after-job", "when=after-offline"] {
-        let f = facts(o, "leftovers");
-        let line = f.iter().find(|l| l.starts_with(when)).unwrap();
+    for when in ["after-job", "after-offline"] {
         assert_eq!(
-            line.trim_start_matches(when).trim(),
-            "taps=0 addrs=0 routes=0 table=0 elements=0",
+            f.after("leftovers", "when", when),
+            Some("taps=0 addrs=0 routes=0 table=0 elements=0"),
             "{o}"
         );
     }
@@ -373,7 +293,7 @@ run_job limited $ASSETS/limited.yaml --rx-bytes-per-sec RX_LIMIT
         .lines()
         .find_map(|l| l.split_once("rate ").map(|(_, r)| r))
         .unwrap_or_else(|| panic!("no rate line:\n{o}"));
-    let num = |k: &str| value(rate, k).parse::<f64>().unwrap();
+    let num = |k: &str| field(rate, k).unwrap().parse::<f64>().unwrap();
     let throughput = num("bytes") / (num("end") - num("start"));
     let ratio = throughput / RX_LIMIT as f64;
     println!("rate-limited download: {throughput:.0} B/s, {ratio:.3} of the limit");
@@ -394,21 +314,19 @@ run_job limited $ASSETS/limited.yaml --rx-bytes-per-sec RX_LIMIT
 
 #[test]
 fn two_vms_cannot_reach_each_other_and_a_crashed_agent_leaves_nothing_after_clean_up() {
-    let out = harness::run(&scenario("net-daemon", DAEMON, &[])).unwrap();
+    let script = format!("{SHELL_HELPERS}{FLEET_HELPERS}{NET_HELPERS}{DAEMON}");
+    let out = harness::run(&scenario("net-daemon", &script, &[])).unwrap();
     let o = &out.output;
     assert_eq!(out.status, Status::Exited(0), "{}\n{o}", out.report());
-    let state = |when: &str| -> String {
-        let key = format!("when={when} ");
-        facts(o, "state")
-            .iter()
-            .find_map(|l| l.strip_prefix(&key))
+    let f = Facts::parse(o);
+    let state = |when: &str| {
+        f.after("state", "when", when)
             .unwrap_or_else(|| panic!("no state {when}:\n{o}"))
-            .to_string()
     };
     let running = "taps=2 addrs=2 routes=2 table=1 elements=4 vmms=2 dirs=2";
     assert_eq!(state("warm"), running, "{o}");
     // Two VMs at once: a listens, b probes it and fails, a saw nothing.
-    let a = value(facts(o, "a")[0], "addr");
+    let a = f.value("a", "addr");
     assert!(a.starts_with("198.18.0."), "{o}");
     assert!(o.contains("control own-listener ok at 198.18.0."), "{o}");
     assert!(o.contains(&format!("probe blocked {a}")), "{o}");
