@@ -4,15 +4,10 @@
 
 use std::time::Duration;
 
-use harness::assets::{guest_kernel, minimal_image};
-use harness::{Asset, Scenario, Status, workspace_binary};
+use harness::{Scenario, Status, e2e};
 
 /// A scenario that runs `job` (YAML text) with `host-agent run` in a fresh VM.
 fn job_scenario(name: &str, job: &str, secret: &str) -> Scenario {
-    let dir = std::env::temp_dir().join(format!("kindling-e2e-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let job_path = dir.join("job.yaml");
-    std::fs::write(&job_path, job).unwrap();
     let script = format!(
         "host-agent run $ASSETS/job.yaml --secret TOKEN={secret} --vmm $(command -v vmm) \
          --kernel $ASSETS/vmlinux --image $ASSETS/minimal.erofs --memory-mib 256 \
@@ -22,31 +17,16 @@ fn job_scenario(name: &str, job: &str, secret: &str) -> Scenario {
          echo \"left: $(ls /tmp/agent-state/vms | wc -l) vm dirs, $vmms vmm processes\"\n\
          exit $rc\n"
     );
-    let mut sc = Scenario::new(name, &script);
-    sc.timeout = Duration::from_secs(300);
-    sc.bins = vec![
-        workspace_binary("vmm").unwrap(),
-        workspace_binary("host-agent").unwrap(),
-        // The host agent starts every VMM through it (jail on by default).
-        workspace_binary("kindling-jailer").unwrap(),
-    ];
-    let kernel = guest_kernel().unwrap();
-    let image = minimal_image().unwrap();
-    sc.assets = vec![
-        Asset {
-            host_path: kernel,
-            name: "vmlinux".into(),
-        },
-        Asset {
-            host_path: image,
-            name: "minimal.erofs".into(),
-        },
-        Asset {
-            host_path: job_path,
-            name: "job.yaml".into(),
-        },
-    ];
-    sc
+    e2e::scenario(
+        name,
+        &script,
+        Duration::from_secs(300),
+        // The host agent starts every VMM through the jailer (jail on by
+        // default).
+        &["vmm", "host-agent", "kindling-jailer"],
+        &[("job.yaml", job)],
+    )
+    .unwrap()
 }
 
 #[test]
