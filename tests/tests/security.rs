@@ -12,6 +12,12 @@
 //!   `vmm-test-hooks` build makes a vCPU thread issue a forbidden syscall
 //!   when the guest asks for it (after boot, mid-job); the VMM must die by
 //!   SIGSYS and the job's result must say "vmm killed by seccomp".
+//! * `a_noisy_neighbour_does_not_slow_another_vm_beyond_twice_its_solo_time`:
+//!   the daemon with a quiet and a noisy pool; a fixed job alone, then next
+//!   to a VM running a fork bomb, a disk filler, a CPU spinner and log and
+//!   serial floods, must take at most twice as long, while the host agent's
+//!   metrics endpoint keeps answering and each jail sees only its own VM
+//!   directory.
 //!
 //! The scenarios print `@ SUBJECT key=value` fact lines; the tests assert
 //! on them.
