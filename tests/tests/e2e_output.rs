@@ -35,11 +35,13 @@ use harness::{Asset, Scenario, Status, workspace_binary};
 /// build; the upper end with other work on the machine). A long vsock
 /// flood sometimes ends in a triple fault of the L2 guest with no message
 /// before it, and the Firecracker peer in the same L1 under the same flood
-/// does the same (1 of 3 runs), as does an L1 kernel panic seen once (its
-/// per-CPU GS access faulting recursively inside `KVM_RUN`): QEMU TCG's
-/// emulated SVM, not our VMM. Transparent huge pages off in the L1 made it
-/// rarer; the test retries once on exactly that signature, and a smaller
-/// `KINDLING_FLOOD_MIB` gives a quick local run.
+/// does the same (1 of 3 runs); and an L1 timer interrupt delivered inside
+/// KVM's SVM world switch panics the L1 kernel (seen twice, once in CI 10 s
+/// into the flood). Both are QEMU TCG's emulated SVM, not our VMM.
+/// Transparent huge pages off in the L1 made them rarer; the harness reruns
+/// the scenario once on that L1 panic, this test once on exactly the
+/// triple-fault signature, and a smaller `KINDLING_FLOOD_MIB` gives a quick
+/// local run.
 fn output_bytes() -> u64 {
     let mib = std::env::var("KINDLING_FLOOD_MIB")
         .ok()
