@@ -316,9 +316,13 @@ fn l1_kernel_cmdline(sc: &Scenario) -> String {
     // No transparent huge pages in the L1: L2 guests under QEMU's emulated
     // SVM triple-faulted more often with them (sessions 1 and 2; the
     // Firecracker peer faults too, so it lowers an emulator flake, it does
-    // not fix one of ours).
-    let mut cmdline =
-        String::from("console=ttyS0 panic=-1 mitigations=off transparent_hugepage=never");
+    // not fix one of ours). A soft lockup of the L1's own kernel panics it
+    // (`softlockup_panic=1`) so that the run ends at once instead of at its
+    // timeout (seen once in ~275 runs: both L1 CPUs spinning in
+    // nf_conntrack's hashing inside a connect(2), for 10 minutes).
+    let mut cmdline = String::from(
+        "console=ttyS0 panic=-1 mitigations=off transparent_hugepage=never softlockup_panic=1",
+    );
     for arg in &sc.l1_kernel_args {
         cmdline.push(' ');
         cmdline.push_str(arg);

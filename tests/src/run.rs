@@ -137,17 +137,24 @@ pub fn run(sc: &Scenario) -> Result<Outcome, HarnessError> {
     })
 }
 
-/// Why an L1's end is a known fault of QEMU's emulation rather than the
-/// scenario's, if it is: an L1 that ended without a panic, an exit code or
-/// a QEMU error (it reset itself), or an L1 panic whose call trace shows an
-/// interrupt taken inside KVM's SVM world switch.
+/// Why an L1's end is a fault of the L1 itself (QEMU's emulation or the
+/// L1's own kernel) rather than the scenario's, if it is: an L1 that ended
+/// without a panic, an exit code or a QEMU error (it reset itself), an L1
+/// panic whose call trace shows an interrupt taken inside KVM's SVM world
+/// switch, or a soft lockup of the L1 kernel (a CPU stuck in the kernel for
+/// 20 s; nothing of ours runs in the L1 kernel).
 fn emulator_fault(status: &Status, console: &Path) -> Option<&'static str> {
     match status {
         Status::Died(why) if why == nested::SPONTANEOUS_END => Some("the L1 reset by itself"),
         Status::L1Panic => {
             let text = std::fs::read_to_string(console).unwrap_or_default();
-            is_world_switch_panic(&text)
-                .then_some("the L1 kernel panicked on an interrupt inside KVM's world switch")
+            if is_world_switch_panic(&text) {
+                Some("the L1 kernel panicked on an interrupt inside KVM's world switch")
+            } else if text.contains("watchdog: BUG: soft lockup") {
+                Some("the L1 kernel locked up (soft lockup)")
+            } else {
+                None
+            }
         }
         _ => None,
     }
@@ -255,6 +262,14 @@ mod tests {
             "BUG: TASK stack guard page was hit\n asm_sysvec_apic_timer_interrupt+0x16/0x20\n \
              svm_vcpu_enter_exit+0x28/0x60 [kvm_amd]\n\
              Kernel panic - not syncing: Fatal exception in interrupt\n",
+        )
+        .unwrap();
+        assert!(emulator_fault(&Status::L1Panic, &console).is_some());
+        // The L1 kernel's own soft lockup (softlockup_panic=1).
+        std::fs::write(
+            &console,
+            "watchdog: BUG: soft lockup - CPU#0 stuck for 26s! [tokio-rt-worker:181]\n\
+             Kernel panic - not syncing: softlockup: hung tasks\n",
         )
         .unwrap();
         assert!(emulator_fault(&Status::L1Panic, &console).is_some());
