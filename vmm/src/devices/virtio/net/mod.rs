@@ -20,6 +20,7 @@
 //! tap is no longer watched, and it is delivered first when the timer fires.
 //! A blocked direction therefore costs no CPU and loses no frame.
 
+pub mod header;
 pub mod tap;
 
 use std::io::{self, Read, Write};
