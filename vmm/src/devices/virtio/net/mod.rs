@@ -1,16 +1,24 @@
 //! virtio-net (virtio 1.2 section 5.1) on a host tap device.
 //!
-//! Deliberately plain: no offloads, no mergeable buffers, no control
+//! Checksum and segmentation offloads, no mergeable buffers, no control
 //! queue. Each queue element carries the 12-byte `virtio_net_hdr_v1`
-//! followed by one Ethernet frame. The header of guest frames is skipped
-//! (no offload was offered, so it carries nothing); frames to the guest get
-//! a zeroed header with `num_buffers = 1`.
+//! followed by one Ethernet frame, and the tap speaks the same layout
+//! (`IFF_VNET_HDR`), so the header passes between the two as it is (see
+//! [`header`] for the little the device checks and fills in). Offered:
+//! `CSUM`, `HOST_TSO4/6`, `HOST_UFO` (the guest may hand over partial
+//! checksums and frames up to 64 KiB, which the host kernel finishes or
+//! segments), and `GUEST_CSUM`, `GUEST_TSO4/6`, `GUEST_UFO` (the tap may
+//! hand the guest the same; it is told with `TUNSETOFFLOAD` at
+//! activation, from the features the driver acked). With `GUEST_TSO*` and
+//! no mergeable buffers a Linux driver posts RX buffers of 64 KiB and more
+//! (many descriptors each), which a GSO frame fits in.
 //!
 //! RX: a frame is read from the tap only once a guest buffer is at hand,
 //! so nothing is lost inside the VMM; while the guest offers no buffers the
 //! tap is not watched (the kernel queues or drops, as a NIC would). Frames
-//! that do not fit the buffer, and TX chains that are too short or too
-//! long, are dropped and counted.
+//! that do not fit the buffer or carry offloads the driver did not
+//! negotiate, and TX chains that are too short, too long or carry such a
+//! header, are dropped and counted.
 //!
 //! Rate limits (optional, per direction; see [`crate::rate_limiter`]): a TX
 //! chain is charged before its frame is written to the tap; if refused, the
@@ -18,7 +26,10 @@
 //! fires. An RX frame is charged after it is read from the tap (its size is
 //! unknown before); if refused, it is kept in the device (`rx_pending`), the
 //! tap is no longer watched, and it is delivered first when the timer fires.
-//! A blocked direction therefore costs no CPU and loses no frame.
+//! A blocked direction therefore costs no CPU and loses no frame. A frame
+//! is charged its length without the header (a GSO frame: all its bytes,
+//! up to 64 KiB) and counts as one packet, however many segments it
+//! becomes on the wire.
 
 pub mod header;
 pub mod tap;
@@ -28,6 +39,7 @@ use std::io::{self, Read, Write};
 use virtio_queue::{Reader, Writer};
 use vmm_sys_util::epoll::EventSet;
 
+use self::header::{NET_HEADER_SIZE, OFFLOAD_FEATURES, Offloads};
 use self::tap::FrameDevice;
 use super::{
     Chain, ChainOutcome, DeviceError, FIRST_BACKEND_TOKEN, QueueContext, VIRTIO_F_VERSION_1,
@@ -44,10 +56,12 @@ pub const VIRTIO_ID_NET: u32 = 1;
 pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
 /// Size of each queue.
 pub const QUEUE_SIZE: u16 = 256;
-/// Size of `virtio_net_hdr_v1`.
-pub const NET_HEADER_SIZE: usize = 12;
-/// Largest Ethernet frame handled (64 KiB, as a tap may deliver with a large MTU).
-pub const MAX_FRAME: usize = 65536;
+/// Largest Ethernet frame handled, without the header: an IP packet of
+/// 64 KiB (a GSO frame, or a frame of a tap with a large MTU) and its
+/// Ethernet header.
+pub const MAX_FRAME: usize = 65536 + 14;
+/// Largest header and frame handled.
+const MAX_PACKET: usize = NET_HEADER_SIZE + MAX_FRAME;
 const RX_QUEUE: usize = 0;
 const TX_QUEUE: usize = 1;
 /// Sub-token of the tap fd.
@@ -64,7 +78,8 @@ pub struct NetCounters {
     pub rx_frames: u64,
     /// Frames passed to the host.
     pub tx_frames: u64,
-    /// Frames dropped (too big, malformed chains, tap errors).
+    /// Frames dropped (too big, malformed chains, offloads not
+    /// negotiated, tap errors).
     pub dropped: u64,
     /// Times a direction was held back by its rate limiter.
     pub throttled: u64,
@@ -74,11 +89,17 @@ pub struct NetCounters {
 pub struct Net {
     backend: Box<dyn FrameDevice>,
     mac: MacAddress,
+    /// A TX header and frame on their way to the backend.
     frame: Vec<u8>,
+    /// An RX header and frame from the backend (one byte longer than the
+    /// longest accepted, to see a packet that was cut short).
     rx_frame: Vec<u8>,
-    /// Length of a frame in `rx_frame` read from the tap but held back by
-    /// the RX limiter.
+    /// Length of a header and frame in `rx_frame` read from the tap but
+    /// held back by the RX limiter.
     rx_pending: Option<usize>,
+    /// Offloads the driver acked, per direction (none before activation).
+    tx_offloads: Offloads,
+    rx_offloads: Offloads,
     rx_limiter: Option<RateLimiter>,
     tx_limiter: Option<RateLimiter>,
     watching_tap: bool,
@@ -91,9 +112,11 @@ impl Net {
         Self {
             backend,
             mac,
-            frame: vec![0; MAX_FRAME],
-            rx_frame: vec![0; MAX_FRAME],
+            frame: vec![0; MAX_PACKET],
+            rx_frame: vec![0; MAX_PACKET + 1],
             rx_pending: None,
+            tx_offloads: Offloads::default(),
+            rx_offloads: Offloads::default(),
             rx_limiter: None,
             tx_limiter: None,
             watching_tap: false,
@@ -154,26 +177,26 @@ impl Net {
         }
     }
 
-    /// Sends the frame of one TX chain to the backend; returns false if it
-    /// was dropped.
+    /// Sends the header and frame of one TX chain to the backend; returns
+    /// false if they were dropped.
     pub fn serve_tx_chain(&mut self, mem: &GuestMemory, chain: Chain<'_>) -> bool {
         let mut reader: Reader<'_> = match chain.reader(mem) {
             Ok(reader) => reader,
             Err(_) => return false,
         };
         let total = reader.available_bytes();
-        if total <= NET_HEADER_SIZE || total > NET_HEADER_SIZE + MAX_FRAME {
+        if total <= NET_HEADER_SIZE || total > MAX_PACKET {
             return false;
         }
-        let mut header = [0u8; NET_HEADER_SIZE];
-        if reader.read_exact(&mut header).is_err() {
+        let packet = &mut self.frame[..total];
+        if reader.read_exact(packet).is_err() {
             return false;
         }
-        let len = total - NET_HEADER_SIZE;
-        if reader.read_exact(&mut self.frame[..len]).is_err() {
+        if let Err(e) = header::check_tx(packet, self.tx_offloads) {
+            log::debug!("virtio-net: TX frame dropped: {e}");
             return false;
         }
-        match self.backend.write_frame(&self.frame[..len]) {
+        match self.backend.write_frame(packet) {
             Ok(()) => true,
             Err(e) => {
                 log::debug!("virtio-net: tap write: {e}");
@@ -209,6 +232,36 @@ impl Net {
         Ok(())
     }
 
+    /// The next packet (header and frame) for the guest in `rx_frame`: the
+    /// one held back by the limiter, else the next one from the backend
+    /// the driver can take (others are dropped and counted). `None` when
+    /// the backend has nothing.
+    fn next_rx_packet(&mut self) -> Option<usize> {
+        if let Some(len) = self.rx_pending.take() {
+            return Some(len);
+        }
+        loop {
+            let len = match self.backend.read_frame(&mut self.rx_frame) {
+                Ok(len) => len,
+                Err(e) => {
+                    if e.kind() != io::ErrorKind::WouldBlock {
+                        log::warn!("virtio-net: tap read: {e}");
+                    }
+                    return None;
+                }
+            };
+            if len <= MAX_PACKET {
+                match header::prepare_rx(&mut self.rx_frame[..len], self.rx_offloads) {
+                    Ok(()) => return Some(len),
+                    Err(e) => log::debug!("virtio-net: RX frame dropped: {e}"),
+                }
+            } else {
+                log::debug!("virtio-net: RX frame dropped: longer than {MAX_FRAME} bytes");
+            }
+            self.counters.dropped += 1;
+        }
+    }
+
     /// Moves frames from the backend into guest RX buffers while both exist
     /// and the RX rate limit allows. The tap is watched only while a frame
     /// could be delivered: not when the guest has no buffers (its next
@@ -217,27 +270,18 @@ impl Net {
     fn process_rx(&mut self, ctx: &mut QueueContext<'_>) -> Result<(), DeviceError> {
         let mut throttled = false;
         let pass = process_queue_until_deferred(ctx, RX_QUEUE, |mem, chain| {
-            let len = match self.rx_pending.take() {
-                Some(len) => len,
-                None => match self.backend.read_frame(&mut self.rx_frame) {
-                    Ok(len) => len,
-                    Err(e) => {
-                        if e.kind() != io::ErrorKind::WouldBlock {
-                            log::warn!("virtio-net: tap read: {e}");
-                        }
-                        return ChainOutcome::Deferred;
-                    }
-                },
+            let Some(len) = self.next_rx_packet() else {
+                return ChainOutcome::Deferred;
             };
             if let Some(limiter) = &mut self.rx_limiter
-                && !limiter.consume(len as u64)
+                && !limiter.consume((len - NET_HEADER_SIZE) as u64)
             {
                 self.rx_pending = Some(len);
                 self.counters.throttled += 1;
                 throttled = true;
                 return ChainOutcome::Deferred;
             }
-            match write_rx_frame(mem, chain, &self.rx_frame[..len]) {
+            match write_rx_packet(mem, chain, &self.rx_frame[..len]) {
                 Some(used) => {
                     self.counters.rx_frames += 1;
                     ChainOutcome::Used(used)
@@ -254,19 +298,15 @@ impl Net {
     }
 }
 
-/// Writes the RX header and `frame` into a guest buffer; `None` if the
-/// buffer is unusable or too small.
-pub fn write_rx_frame(mem: &GuestMemory, chain: Chain<'_>, frame: &[u8]) -> Option<u32> {
+/// Writes `packet` (an RX header, already prepared, and its frame) into a
+/// guest buffer; `None` if the buffer is unusable or too small.
+pub fn write_rx_packet(mem: &GuestMemory, chain: Chain<'_>, packet: &[u8]) -> Option<u32> {
     let mut writer: Writer<'_> = chain.writer(mem).ok()?;
-    if writer.available_bytes() < NET_HEADER_SIZE + frame.len() {
+    if writer.available_bytes() < packet.len() {
         return None;
     }
-    let mut header = [0u8; NET_HEADER_SIZE];
-    // num_buffers (le16 at offset 10) is 1 without mergeable buffers.
-    header[10] = 1;
-    writer.write_all(&header).ok()?;
-    writer.write_all(frame).ok()?;
-    Some((NET_HEADER_SIZE + frame.len()) as u32)
+    writer.write_all(packet).ok()?;
+    u32::try_from(packet.len()).ok()
 }
 
 impl VirtioDevice for Net {
@@ -279,14 +319,22 @@ impl VirtioDevice for Net {
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC
+        VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | OFFLOAD_FEATURES
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.mac.0, offset, data);
     }
 
-    fn activate(&mut self, _features: u64, ctx: &mut QueueContext<'_>) -> Result<(), DeviceError> {
+    fn activate(&mut self, features: u64, ctx: &mut QueueContext<'_>) -> Result<(), DeviceError> {
+        self.tx_offloads = Offloads::tx(features);
+        self.rx_offloads = Offloads::rx(features);
+        let tun_flags = self.rx_offloads.tun_flags();
+        if let Err(e) = self.backend.set_offloads(tun_flags) {
+            // The tap keeps handing us plain frames, which every driver
+            // takes: slower, not wrong.
+            log::warn!("virtio-net: cannot set tap offloads {tun_flags:#x}: {e}");
+        }
         self.set_watch(ctx.registrar, true);
         self.watch_timers(ctx.registrar, true);
         Ok(())
@@ -331,47 +379,124 @@ impl VirtioDevice for Net {
         self.set_watch(registrar, false);
         self.watch_timers(registrar, false);
         self.rx_pending = None;
+        self.tx_offloads = Offloads::default();
+        self.rx_offloads = Offloads::default();
     }
 }
 
-/// A frame device over a datagram socket pair, for tests.
+/// A frame device over a datagram socket pair, for tests: one datagram is
+/// one header and frame; the offloads it was given are kept in `offloads`.
 #[cfg(test)]
-pub struct SocketFrames(pub std::os::unix::net::UnixDatagram);
+pub struct SocketFrames {
+    /// The device's end of the pair.
+    pub socket: std::os::unix::net::UnixDatagram,
+    /// The last `set_offloads` argument.
+    pub offloads: std::sync::Arc<std::sync::atomic::AtomicU32>,
+}
 
 #[cfg(test)]
 impl FrameDevice for SocketFrames {
     fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.recv(buf)
+        self.socket.recv(buf)
     }
-    fn write_frame(&mut self, frame: &[u8]) -> io::Result<()> {
-        self.0.send(frame).map(|_| ())
+    fn write_frame(&mut self, packet: &[u8]) -> io::Result<()> {
+        self.socket.send(packet).map(|_| ())
+    }
+    fn set_offloads(&mut self, tun_flags: u32) -> io::Result<()> {
+        self.offloads
+            .store(tun_flags, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
     }
     fn raw_fd(&self) -> std::os::fd::RawFd {
         use std::os::fd::AsRawFd;
-        self.0.as_raw_fd()
+        self.socket.as_raw_fd()
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::header::{VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_HOST_TSO4};
     use super::*;
     use crate::devices::virtio::Interrupt;
     use crate::devices::virtio::testing::{ChainBuilder, TestQueue};
     use crate::event_loop::EventLoop;
     use std::os::unix::net::UnixDatagram;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use virtio_queue::Queue;
+    use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
     use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-    fn device() -> (Net, UnixDatagram) {
+    const NEEDS_CSUM: u8 = 1;
+    const DATA_VALID: u8 = 2;
+    const GSO_TCPV4: u8 = 1;
+    /// What a Linux driver acks of our offer.
+    const ALL: u64 = VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | OFFLOAD_FEATURES;
+
+    fn device() -> (Net, UnixDatagram, Arc<AtomicU32>) {
         let (a, b) = UnixDatagram::pair().unwrap();
         a.set_nonblocking(true).unwrap();
+        let offloads = Arc::new(AtomicU32::new(u32::MAX));
+        let backend = SocketFrames {
+            socket: a,
+            offloads: offloads.clone(),
+        };
         let mac = "02:00:00:00:00:01".parse().unwrap();
-        (Net::new(Box::new(SocketFrames(a)), mac), b)
+        (Net::new(Box::new(backend), mac), b, offloads)
+    }
+
+    /// A header (flags, gso_type, gso_size 1448, num_buffers as the tap
+    /// leaves it: garbage) and `frame`.
+    fn packet(flags: u8, gso_type: u8, frame: &[u8]) -> Vec<u8> {
+        let mut p = vec![flags, gso_type, 54, 0, 0xa8, 0x05, 34, 0, 16, 0, 0xee, 0xee];
+        p.extend_from_slice(frame);
+        p
+    }
+
+    /// The device side of a queue pair in test memory (both queues on the
+    /// same rings: a test uses one of them) and what a device needs around
+    /// it. Chains are offered through one `TestQueue::mock()` kept for the
+    /// whole test (making a mock resets the rings).
+    struct Rig<'a> {
+        mem: &'a GuestMemory,
+        queues: Vec<Queue>,
+        interrupt: Interrupt,
+        registrar: Registrar,
+        _event_loop: EventLoop,
+    }
+
+    impl<'a> Rig<'a> {
+        fn new(q: &'a TestQueue) -> Self {
+            let mut event_loop = EventLoop::new().unwrap();
+            Self {
+                mem: &q.mem,
+                queues: vec![q.queue(), q.queue()],
+                interrupt: Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+                registrar: event_loop.registrar(),
+                _event_loop: event_loop,
+            }
+        }
+
+        fn ctx(&mut self) -> QueueContext<'_> {
+            QueueContext {
+                mem: self.mem,
+                queues: &mut self.queues,
+                interrupt: &self.interrupt,
+                registrar: &self.registrar,
+            }
+        }
+    }
+
+    /// Makes `chain` available at descriptor `first`.
+    fn offer(mock: &MockSplitQueue<'_, GuestMemory>, chain: &ChainBuilder, first: u16) {
+        mock.add_desc_chains(&chain.descriptors_at(first), first)
+            .unwrap();
     }
 
     #[test]
     fn config_space_is_the_mac() {
-        let (net, _) = device();
+        let (net, _, _) = device();
         let mut mac = [0u8; 6];
         net.read_config(0, &mut mac);
         assert_eq!(mac, [2, 0, 0, 0, 0, 1]);
@@ -379,23 +504,63 @@ mod tests {
     }
 
     #[test]
-    fn tx_strips_the_header_and_rejects_bad_chains() {
-        let (mut net, host) = device();
+    fn offloads_are_offered_and_the_tap_gets_what_the_guest_acked() {
+        let (mut net, _, offloads) = device();
+        assert_eq!(net.features() & OFFLOAD_FEATURES, OFFLOAD_FEATURES);
         let q = TestQueue::new();
-        q.mem
-            .write_slice(&[0xee; 12], GuestAddress(0x10_0000))
-            .unwrap();
-        q.mem
-            .write_slice(b"frame-bytes", GuestAddress(0x10_1000))
+        let mut rig = Rig::new(&q);
+        net.activate(ALL, &mut rig.ctx()).unwrap();
+        assert_eq!(
+            offloads.load(Ordering::SeqCst),
+            libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | libc::TUN_F_UFO
+        );
+        net.reset(&rig.registrar);
+        assert_eq!(net.rx_offloads, Offloads::default());
+        // A driver that takes no offloads: the tap hands over plain frames.
+        net.activate(VIRTIO_F_VERSION_1, &mut rig.ctx()).unwrap();
+        assert_eq!(offloads.load(Ordering::SeqCst), 0);
+        net.reset(&rig.registrar);
+        net.activate(
+            VIRTIO_F_VERSION_1 | VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_HOST_TSO4,
+            &mut rig.ctx(),
+        )
+        .unwrap();
+        assert_eq!(offloads.load(Ordering::SeqCst), libc::TUN_F_CSUM);
+    }
+
+    #[test]
+    fn tx_passes_the_header_through_and_rejects_bad_chains() {
+        let (mut net, host, _) = device();
+        let q = TestQueue::new();
+        let mut rig = Rig::new(&q);
+        let mem = &q.mem;
+        let gso = packet(NEEDS_CSUM, GSO_TCPV4, b"");
+        mem.write_slice(&gso, GuestAddress(0x10_0000)).unwrap();
+        mem.write_slice(b"frame-bytes", GuestAddress(0x10_1000))
             .unwrap();
         let chain = ChainBuilder::new()
             .readable(0x10_0000, 12)
-            .readable(0x10_1000, 11)
-            .build(&q);
-        assert!(net.serve_tx_chain(&q.mem, chain));
+            .readable(0x10_1000, 11);
+        // Not negotiated yet: a TSO header is refused.
+        assert!(!net.serve_tx_chain(&q.mem, chain.build(&q)));
+        net.activate(ALL, &mut rig.ctx()).unwrap();
+        assert!(net.serve_tx_chain(&q.mem, chain.build(&q)));
         let mut buf = [0u8; 64];
         let n = host.recv(&mut buf).unwrap();
-        assert_eq!(&buf[..n], b"frame-bytes");
+        assert_eq!(&buf[..12], &gso[..], "header passed as it was");
+        assert_eq!(&buf[12..n], b"frame-bytes");
+        // A 64 KiB GSO frame over several descriptors.
+        let big = vec![0x5a; MAX_FRAME];
+        q.mem.write_slice(&big, GuestAddress(0x20_0000)).unwrap();
+        let chain = ChainBuilder::new()
+            .readable(0x10_0000, 12)
+            .readable(0x20_0000, 0x8000)
+            .readable(0x20_8000, (MAX_FRAME - 0x8000) as u32)
+            .build(&q);
+        assert!(net.serve_tx_chain(&q.mem, chain));
+        let mut buf = vec![0u8; MAX_PACKET + 1];
+        assert_eq!(host.recv(&mut buf).unwrap(), MAX_PACKET);
+        assert_eq!(&buf[12..MAX_PACKET], &big[..]);
         // Header only, no frame.
         let chain = ChainBuilder::new().readable(0x10_0000, 12).build(&q);
         assert!(!net.serve_tx_chain(&q.mem, chain));
@@ -404,52 +569,142 @@ mod tests {
         assert!(!net.serve_tx_chain(&q.mem, chain));
         // Oversized.
         let chain = ChainBuilder::new()
-            .readable(0x10_0000, (NET_HEADER_SIZE + MAX_FRAME + 1) as u32)
+            .readable(0x10_0000, (MAX_PACKET + 1) as u32)
+            .build(&q);
+        assert!(!net.serve_tx_chain(&q.mem, chain));
+        // An offload that was never offered (TCPv4 with ECN).
+        q.mem
+            .write_slice(&[NEEDS_CSUM, GSO_TCPV4 | 0x80], GuestAddress(0x10_0000))
+            .unwrap();
+        let chain = ChainBuilder::new()
+            .readable(0x10_0000, 12)
+            .readable(0x10_1000, 11)
             .build(&q);
         assert!(!net.serve_tx_chain(&q.mem, chain));
     }
 
     #[test]
-    fn rx_frame_gets_header_and_small_buffers_drop() {
+    fn a_gso_frame_fills_a_big_multi_descriptor_rx_buffer() {
+        let (mut net, host, _) = device();
         let q = TestQueue::new();
-        let chain = ChainBuilder::new().writable(0x10_0000, 100).build(&q);
-        assert_eq!(write_rx_frame(&q.mem, chain, b"hello"), Some(17));
+        let mut rig = Rig::new(&q);
+        let mock = q.mock();
+        net.activate(ALL, &mut rig.ctx()).unwrap();
+        // What Linux posts with GUEST_TSO and no mergeable buffers: the
+        // header in a descriptor of its own, then pages.
+        let frame: Vec<u8> = (0..20_000u32).map(|i| i as u8).collect();
+        let sent = packet(NEEDS_CSUM, GSO_TCPV4, &frame);
+        host.send(&sent).unwrap();
+        let buffer = ChainBuilder::new()
+            .writable(0x10_0000, 12)
+            .writable(0x20_0000, 0x2000)
+            .writable(0x30_0000, 0x2000)
+            .writable(0x38_0000, 0x2000);
+        offer(&mock, &buffer, 0);
+        net.queue_notified(RX_QUEUE, &mut rig.ctx()).unwrap();
+        assert_eq!(net.counters().rx_frames, 1);
+        let used = mock.used().ring().ref_at(0).unwrap().load();
+        assert_eq!(used.len() as usize, sent.len());
+        let mem = &q.mem;
+        let mut header = [0u8; 12];
+        mem.read_slice(&mut header, GuestAddress(0x10_0000))
+            .unwrap();
+        assert_eq!(
+            &header[..10],
+            &sent[..10],
+            "offload fields as the tap gave them"
+        );
+        assert_eq!(&header[10..], &[1, 0], "num_buffers");
+        let mut got = vec![0u8; frame.len()];
+        let parts = [
+            (0x20_0000u64, 0..0x2000),
+            (0x30_0000, 0x2000..0x4000),
+            (0x38_0000, 0x4000..frame.len()),
+        ];
+        for (addr, range) in parts {
+            mem.read_slice(&mut got[range], GuestAddress(addr)).unwrap();
+        }
+        assert_eq!(got, frame);
+    }
+
+    #[test]
+    fn rx_frames_the_guest_cannot_take_are_dropped_without_using_a_buffer() {
+        let (mut net, host, _) = device();
+        let q = TestQueue::new();
+        let mut rig = Rig::new(&q);
+        let mock = q.mock();
+        // Checksum offload only: no TSO frames, no partial checksums
+        // without it either.
+        net.activate(VIRTIO_F_VERSION_1 | VIRTIO_NET_F_GUEST_CSUM, &mut rig.ctx())
+            .unwrap();
+        host.send(&packet(NEEDS_CSUM, GSO_TCPV4, b"segment me"))
+            .unwrap();
+        host.send(&vec![0u8; MAX_PACKET + 1]).unwrap();
+        host.send(&[0u8; 5]).unwrap();
+        host.send(&packet(NEEDS_CSUM, 0, b"fine")).unwrap();
+        offer(&mock, &ChainBuilder::new().writable(0x10_0000, 2048), 0);
+        net.queue_notified(RX_QUEUE, &mut rig.ctx()).unwrap();
+        assert_eq!(net.counters().dropped, 3);
+        assert_eq!(net.counters().rx_frames, 1);
+        let mut got = [0u8; 16];
+        q.mem.read_slice(&mut got, GuestAddress(0x10_0000)).unwrap();
+        assert_eq!(got[0], NEEDS_CSUM);
+        assert_eq!(&got[12..], b"fine");
+        // Reset and renegotiated without offloads: a frame the tap queued
+        // under the old settings does not reach the new driver.
+        net.reset(&rig.registrar);
+        let q = TestQueue::new();
+        let mut rig = Rig::new(&q);
+        let mock = q.mock();
+        net.activate(VIRTIO_F_VERSION_1, &mut rig.ctx()).unwrap();
+        host.send(&packet(NEEDS_CSUM, 0, b"partial")).unwrap();
+        host.send(&packet(DATA_VALID, 0, b"valid")).unwrap();
+        offer(&mock, &ChainBuilder::new().writable(0x10_0000, 2048), 0);
+        net.queue_notified(RX_QUEUE, &mut rig.ctx()).unwrap();
+        assert_eq!(net.counters().dropped, 4);
         let mut got = [0u8; 17];
         q.mem.read_slice(&mut got, GuestAddress(0x10_0000)).unwrap();
-        assert_eq!(got[10], 1, "num_buffers");
-        assert_eq!(&got[12..], b"hello");
-        let chain = ChainBuilder::new().writable(0x10_0000, 14).build(&q);
-        assert_eq!(write_rx_frame(&q.mem, chain, b"hello"), None);
+        assert_eq!(
+            got[0], 0,
+            "DATA_VALID is not for a driver without GUEST_CSUM"
+        );
+        assert_eq!(&got[12..], b"valid");
+    }
+
+    #[test]
+    fn a_frame_too_big_for_the_buffer_is_dropped() {
+        let (mut net, host, _) = device();
+        let q = TestQueue::new();
+        let mut rig = Rig::new(&q);
+        let mock = q.mock();
+        net.activate(ALL, &mut rig.ctx()).unwrap();
+        host.send(&packet(0, 0, &[7; 3000])).unwrap();
+        offer(&mock, &ChainBuilder::new().writable(0x10_0000, 1526), 0);
+        net.queue_notified(RX_QUEUE, &mut rig.ctx()).unwrap();
+        assert_eq!(net.counters().dropped, 1);
+        assert_eq!(net.counters().rx_frames, 0);
+        let used = mock.used().ring().ref_at(0).unwrap().load();
+        assert_eq!(used.len(), 0);
         let chain = ChainBuilder::new().readable(0x10_0000, 100).build(&q);
-        assert_eq!(write_rx_frame(&q.mem, chain, b"hello"), None);
+        assert_eq!(write_rx_packet(&q.mem, chain, b"hello"), None);
     }
 
     #[test]
     fn rx_reads_only_when_the_guest_has_buffers() {
-        let (mut net, host) = device();
+        let (mut net, host, _) = device();
         let q = TestQueue::new();
+        let mut rig = Rig::new(&q);
         let mock = q.mock();
-        let mut queues = vec![q.queue(), q.queue()];
-        let interrupt = Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap());
-        let mut event_loop = EventLoop::new().unwrap();
-        let registrar = event_loop.registrar();
-        host.send(b"one").unwrap();
-        host.send(b"two").unwrap();
+        net.activate(VIRTIO_F_VERSION_1, &mut rig.ctx()).unwrap();
+        host.send(&packet(0, 0, b"one")).unwrap();
+        host.send(&packet(0, 0, b"two")).unwrap();
         // One buffer: one frame delivered, the other stays in the socket.
-        let chain = ChainBuilder::new().writable(0x10_0000, 2048);
-        mock.add_desc_chains(&chain.descriptors(), 0).unwrap();
-        let mut ctx = QueueContext {
-            mem: &q.mem,
-            queues: &mut queues,
-            interrupt: &interrupt,
-            registrar: &registrar,
-        };
-        net.queue_notified(RX_QUEUE, &mut ctx).unwrap();
+        offer(&mock, &ChainBuilder::new().writable(0x10_0000, 2048), 0);
+        net.queue_notified(RX_QUEUE, &mut rig.ctx()).unwrap();
         assert_eq!(net.counters().rx_frames, 1);
         assert!(!net.watching_tap, "no buffers left: tap not watched");
-        let chain = ChainBuilder::new().writable(0x10_1000, 2048);
-        mock.add_desc_chains(&chain.descriptors_at(1), 1).unwrap();
-        net.queue_notified(RX_QUEUE, &mut ctx).unwrap();
+        offer(&mock, &ChainBuilder::new().writable(0x10_1000, 2048), 1);
+        net.queue_notified(RX_QUEUE, &mut rig.ctx()).unwrap();
         assert_eq!(net.counters().rx_frames, 2);
         let mut got = [0u8; 15];
         q.mem.read_slice(&mut got, GuestAddress(0x10_1000)).unwrap();
@@ -458,18 +713,15 @@ mod tests {
 
     #[test]
     fn a_tx_rate_limit_holds_frames_back_until_its_timer_fires() {
-        let (net, host) = device();
+        let (net, host, _) = device();
         let limit = RateLimit {
             bytes: None,
             ops: Some(crate::rate_limiter::BucketConfig { rate: 20, burst: 1 }),
         };
         let mut net = net.with_limits(RateLimit::default(), limit).unwrap();
         let q = TestQueue::new();
+        let mut rig = Rig::new(&q);
         let mock = q.mock();
-        let mut queues = vec![q.queue(), q.queue()];
-        let interrupt = Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap());
-        let mut event_loop = EventLoop::new().unwrap();
-        let registrar = event_loop.registrar();
         q.mem
             .write_slice(&[0; 12], GuestAddress(0x10_0000))
             .unwrap();
@@ -479,21 +731,15 @@ mod tests {
         let chain = ChainBuilder::new()
             .readable(0x10_0000, 12)
             .readable(0x10_1000, 5);
-        mock.add_desc_chains(&chain.descriptors(), 0).unwrap();
-        mock.add_desc_chains(&chain.descriptors_at(2), 2).unwrap();
-        let mut ctx = QueueContext {
-            mem: &q.mem,
-            queues: &mut queues,
-            interrupt: &interrupt,
-            registrar: &registrar,
-        };
-        net.activate(0, &mut ctx).unwrap();
-        net.queue_notified(TX_QUEUE, &mut ctx).unwrap();
+        offer(&mock, &chain, 0);
+        offer(&mock, &chain, 2);
+        net.activate(0, &mut rig.ctx()).unwrap();
+        net.queue_notified(TX_QUEUE, &mut rig.ctx()).unwrap();
         // Burst 1: one frame passes, the second waits in the queue.
         assert_eq!(net.counters().tx_frames, 1);
         assert_eq!(net.counters().throttled, 1);
         // A new notification while blocked does not send it either.
-        net.queue_notified(TX_QUEUE, &mut ctx).unwrap();
+        net.queue_notified(TX_QUEUE, &mut rig.ctx()).unwrap();
         assert_eq!(net.counters().tx_frames, 1);
         let mut fds = [libc::pollfd {
             fd: net.tx_limiter.as_ref().unwrap().timer_fd(),
@@ -503,11 +749,41 @@ mod tests {
         // SAFETY: `fds` is a valid array of one pollfd for the call.
         let ready = unsafe { libc::poll(fds.as_mut_ptr(), 1, 2000) };
         assert_eq!(ready, 1, "no timer");
-        net.backend_event(TX_TIMER_TOKEN, EventSet::IN, &mut ctx)
+        net.backend_event(TX_TIMER_TOKEN, EventSet::IN, &mut rig.ctx())
             .unwrap();
         assert_eq!(net.counters().tx_frames, 2, "{:?}", net.counters());
-        let mut buf = [0u8; 16];
-        assert_eq!(host.recv(&mut buf).unwrap(), 5);
-        assert_eq!(host.recv(&mut buf).unwrap(), 5);
+        let mut buf = [0u8; 32];
+        assert_eq!(host.recv(&mut buf).unwrap(), 17);
+        assert_eq!(host.recv(&mut buf).unwrap(), 17);
+    }
+
+    #[test]
+    fn a_gso_frame_is_charged_all_its_bytes_as_one_packet() {
+        let (net, host, _) = device();
+        let limit = RateLimit {
+            bytes: Some(crate::rate_limiter::BucketConfig {
+                rate: 1,
+                burst: MAX_FRAME as u64,
+            }),
+            ops: Some(crate::rate_limiter::BucketConfig { rate: 1, burst: 2 }),
+        };
+        let mut net = net.with_limits(limit, RateLimit::default()).unwrap();
+        let q = TestQueue::new();
+        let mut rig = Rig::new(&q);
+        let mock = q.mock();
+        net.activate(ALL, &mut rig.ctx()).unwrap();
+        let frame = vec![1u8; MAX_FRAME - 100];
+        host.send(&packet(NEEDS_CSUM, GSO_TCPV4, &frame)).unwrap();
+        host.send(&packet(0, 0, &[2; 101])).unwrap();
+        for (i, addr) in [0x10_0000u64, 0x20_0000].into_iter().enumerate() {
+            let buffer = ChainBuilder::new().writable(addr, MAX_PACKET as u32);
+            offer(&mock, &buffer, i as u16);
+        }
+        net.queue_notified(RX_QUEUE, &mut rig.ctx()).unwrap();
+        // The GSO frame took all but 100 bytes of the bucket: the next
+        // frame (101 bytes) waits although a packet token is left.
+        assert_eq!(net.counters().rx_frames, 1);
+        assert_eq!(net.counters().throttled, 1);
+        assert!(net.rx_pending.is_some());
     }
 }
