@@ -384,9 +384,10 @@ impl VirtioDevice for Net {
     }
 }
 
-/// A frame device over a datagram socket pair, for tests: one datagram is
-/// one header and frame; the offloads it was given are kept in `offloads`.
-#[cfg(test)]
+/// A frame device over a datagram socket pair, for tests and fuzzing: one
+/// datagram is one header and frame; the offloads it was given are kept in
+/// `offloads`.
+#[cfg(any(test, feature = "fuzzing"))]
 pub struct SocketFrames {
     /// The device's end of the pair.
     pub socket: std::os::unix::net::UnixDatagram,
@@ -394,7 +395,7 @@ pub struct SocketFrames {
     pub offloads: std::sync::Arc<std::sync::atomic::AtomicU32>,
 }
 
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 impl FrameDevice for SocketFrames {
     fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.socket.recv(buf)
