@@ -12,9 +12,10 @@
 //! except for what the spec requires of the device and the tap does not
 //! do:
 //!
-//! * to the guest ([`prepare_rx`]): `num_buffers` is set to 1 (the tap
-//!   skips those two bytes), and without `GUEST_CSUM` the flags are
-//!   cleared (the tap may say DATA_VALID);
+//! * to the guest ([`prepare_rx`], [`set_num_buffers`]): `num_buffers` is
+//!   set to the number of buffers the frame fills (the tap skips those two
+//!   bytes), and without `GUEST_CSUM` the flags are cleared (the tap may
+//!   say DATA_VALID);
 //! * both ways ([`check_tx`], [`prepare_rx`]): a header that asks for an
 //!   offload the driver did not negotiate is refused, and its frame dropped
 //!   and counted. The tap is told what the guest accepts
@@ -43,6 +44,9 @@ pub const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << bindings::VIRTIO_NET_F_HOST_TSO4;
 pub const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << bindings::VIRTIO_NET_F_HOST_TSO6;
 /// `VIRTIO_NET_F_HOST_UFO`: the device takes UDP fragmentation offload frames.
 pub const VIRTIO_NET_F_HOST_UFO: u64 = 1 << bindings::VIRTIO_NET_F_HOST_UFO;
+
+/// `VIRTIO_NET_F_MRG_RXBUF`: a frame to the driver may span several buffers.
+pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << bindings::VIRTIO_NET_F_MRG_RXBUF;
 
 /// Every offload feature the device offers.
 pub const OFFLOAD_FEATURES: u64 = VIRTIO_NET_F_CSUM
@@ -181,16 +185,25 @@ pub fn check_tx(packet: &[u8], offloads: Offloads) -> Result<(), HeaderError> {
 }
 
 /// Makes the header at the start of a frame read from the tap what the
-/// driver may see: `num_buffers` 1 (no mergeable buffers), no flags without
-/// checksum offload; refuses offloads the driver did not negotiate.
+/// driver may see (no flags without checksum offload); refuses offloads the
+/// driver did not negotiate. `num_buffers` is set at delivery
+/// ([`set_num_buffers`]).
 pub fn prepare_rx(packet: &mut [u8], offloads: Offloads) -> Result<(), HeaderError> {
     offloads.check(packet)?;
     if !offloads.csum {
         // Only DATA_VALID (or RSC_INFO) can be left: not for this driver.
         packet[FLAGS] = 0;
     }
-    packet[NUM_BUFFERS..NET_HEADER_SIZE].copy_from_slice(&1u16.to_le_bytes());
     Ok(())
+}
+
+/// Sets `num_buffers` in the header at the start of a frame to the number
+/// of buffers it fills (1 without mergeable buffers; the tap leaves those
+/// two bytes as they were).
+pub fn set_num_buffers(packet: &mut [u8], count: u16) {
+    if let Some(field) = packet.get_mut(NUM_BUFFERS..NET_HEADER_SIZE) {
+        field.copy_from_slice(&count.to_le_bytes());
+    }
 }
 
 #[cfg(test)]
@@ -297,15 +310,19 @@ mod tests {
     }
 
     #[test]
-    fn rx_headers_get_num_buffers_and_keep_the_offload_fields() {
+    fn rx_headers_keep_the_offload_fields_and_get_num_buffers() {
         let mut packet = header(F_NEEDS_CSUM, GSO_TCPV4).to_vec();
         packet[NUM_BUFFERS] = 0xaa; // what the tap left there
         packet.extend_from_slice(b"frame");
         let before = packet.clone();
         prepare_rx(&mut packet, Offloads::rx(ALL)).unwrap();
-        assert_eq!(&packet[NUM_BUFFERS..NET_HEADER_SIZE], &[1, 0]);
+        assert_eq!(packet, before);
+        set_num_buffers(&mut packet, 0x0102);
+        assert_eq!(&packet[NUM_BUFFERS..NET_HEADER_SIZE], &[2, 1]);
         assert_eq!(&packet[..NUM_BUFFERS], &before[..NUM_BUFFERS]);
         assert_eq!(&packet[NET_HEADER_SIZE..], b"frame");
+        // Too short for the field: nothing to set, nothing to panic about.
+        set_num_buffers(&mut packet[..11], 1);
     }
 
     #[test]
@@ -313,7 +330,6 @@ mod tests {
         let mut packet = header(DATA_VALID, GSO_NONE);
         prepare_rx(&mut packet, Offloads::rx(0)).unwrap();
         assert_eq!(packet[FLAGS], 0);
-        assert_eq!(packet[NUM_BUFFERS], 1);
         let mut packet = header(DATA_VALID, GSO_NONE);
         prepare_rx(&mut packet, Offloads::rx(VIRTIO_NET_F_GUEST_CSUM)).unwrap();
         assert_eq!(packet[FLAGS], DATA_VALID);

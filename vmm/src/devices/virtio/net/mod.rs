@@ -1,24 +1,27 @@
 //! virtio-net (virtio 1.2 section 5.1) on a host tap device.
 //!
-//! Checksum and segmentation offloads, no mergeable buffers, no control
-//! queue. Each queue element carries the 12-byte `virtio_net_hdr_v1`
-//! followed by one Ethernet frame, and the tap speaks the same layout
-//! (`IFF_VNET_HDR`), so the header passes between the two as it is (see
-//! [`header`] for the little the device checks and fills in). Offered:
-//! `CSUM`, `HOST_TSO4/6`, `HOST_UFO` (the guest may hand over partial
-//! checksums and frames up to 64 KiB, which the host kernel finishes or
-//! segments), and `GUEST_CSUM`, `GUEST_TSO4/6`, `GUEST_UFO` (the tap may
-//! hand the guest the same; it is told with `TUNSETOFFLOAD` at
-//! activation, from the features the driver acked). With `GUEST_TSO*` and
-//! no mergeable buffers a Linux driver posts RX buffers of 64 KiB and more
-//! (many descriptors each), which a GSO frame fits in.
+//! Checksum and segmentation offloads, mergeable RX buffers, no control
+//! queue. Each frame is preceded by the 12-byte `virtio_net_hdr_v1`, and
+//! the tap speaks the same layout (`IFF_VNET_HDR`), so the header passes
+//! between the two as it is (see [`header`] for the little the device
+//! checks and fills in). Offered: `CSUM`, `HOST_TSO4/6`, `HOST_UFO` (the
+//! guest may hand over partial checksums and frames up to 64 KiB, which
+//! the host kernel finishes or segments), `GUEST_CSUM`, `GUEST_TSO4/6`,
+//! `GUEST_UFO` (the tap may hand the guest the same; it is told with
+//! `TUNSETOFFLOAD` at activation, from the features the driver acked), and
+//! `MRG_RXBUF`.
 //!
 //! RX: a frame is read from the tap only once a guest buffer is at hand,
 //! so nothing is lost inside the VMM; while the guest offers no buffers the
-//! tap is not watched (the kernel queues or drops, as a NIC would). Frames
-//! that do not fit the buffer or carry offloads the driver did not
-//! negotiate, and TX chains that are too short, too long or carry such a
-//! header, are dropped and counted.
+//! tap is not watched (the kernel queues or drops, as a NIC would). With
+//! mergeable buffers (what Linux acks) a frame fills as many buffers as it
+//! needs, `num_buffers` in its header saying how many; a frame that needs
+//! more than the driver has posted waits in the device until it posts
+//! more. Without them a frame goes into one chain (with `GUEST_TSO*` a
+//! Linux driver then posts chains of 64 KiB and more). Frames that do not
+//! fit or carry offloads the driver did not negotiate, and TX chains that
+//! are too short, too long or carry such a header, are dropped and
+//! counted.
 //!
 //! Rate limits (optional, per direction; see [`crate::rate_limiter`]): a TX
 //! chain is charged before its frame is written to the tap; if refused, the
@@ -39,11 +42,11 @@ use std::io::{self, Read, Write};
 use virtio_queue::{Reader, Writer};
 use vmm_sys_util::epoll::EventSet;
 
-use self::header::{NET_HEADER_SIZE, OFFLOAD_FEATURES, Offloads};
+use self::header::{NET_HEADER_SIZE, OFFLOAD_FEATURES, Offloads, VIRTIO_NET_F_MRG_RXBUF};
 use self::tap::FrameDevice;
 use super::{
-    Chain, ChainOutcome, DeviceError, FIRST_BACKEND_TOKEN, QueueContext, VIRTIO_F_VERSION_1,
-    VirtioDevice, process_queue_until_deferred, read_config_bytes,
+    Chain, ChainOutcome, DeviceError, FIRST_BACKEND_TOKEN, QueueContext, QueueCursor,
+    VIRTIO_F_VERSION_1, VirtioDevice, process_queue_until_deferred, read_config_bytes,
 };
 use crate::config::MacAddress;
 use crate::event_loop::Registrar;
@@ -100,6 +103,8 @@ pub struct Net {
     /// Offloads the driver acked, per direction (none before activation).
     tx_offloads: Offloads,
     rx_offloads: Offloads,
+    /// The driver acked mergeable RX buffers.
+    mergeable: bool,
     rx_limiter: Option<RateLimiter>,
     tx_limiter: Option<RateLimiter>,
     watching_tap: bool,
@@ -117,6 +122,7 @@ impl Net {
             rx_pending: None,
             tx_offloads: Offloads::default(),
             rx_offloads: Offloads::default(),
+            mergeable: false,
             rx_limiter: None,
             tx_limiter: None,
             watching_tap: false,
@@ -263,50 +269,142 @@ impl Net {
     }
 
     /// Moves frames from the backend into guest RX buffers while both exist
-    /// and the RX rate limit allows. The tap is watched only while a frame
-    /// could be delivered: not when the guest has no buffers (its next
-    /// notification resumes RX) nor when throttled (the limiter's timer
-    /// does).
+    /// and the RX rate limit allows. A frame takes one chain, or with
+    /// mergeable buffers as many as it needs. The tap is watched only while
+    /// a frame could be delivered: not when the guest has no buffers (its
+    /// next notification resumes RX) nor when throttled (the limiter's
+    /// timer does).
     fn process_rx(&mut self, ctx: &mut QueueContext<'_>) -> Result<(), DeviceError> {
-        let mut throttled = false;
-        let pass = process_queue_until_deferred(ctx, RX_QUEUE, |mem, chain| {
-            let Some(len) = self.next_rx_packet() else {
-                return ChainOutcome::Deferred;
-            };
-            if let Some(limiter) = &mut self.rx_limiter
-                && !limiter.consume((len - NET_HEADER_SIZE) as u64)
-            {
-                self.rx_pending = Some(len);
-                self.counters.throttled += 1;
-                throttled = true;
-                return ChainOutcome::Deferred;
+        let mut cursor = QueueCursor::new(ctx, RX_QUEUE)?;
+        let stop = loop {
+            match self.deliver_rx_frame(&mut cursor)? {
+                RxStep::Delivered | RxStep::Dropped => {}
+                RxStep::Stop(stop) => break stop,
             }
-            match write_rx_packet(mem, chain, &self.rx_frame[..len]) {
-                Some(used) => {
-                    self.counters.rx_frames += 1;
-                    ChainOutcome::Used(used)
-                }
-                None => {
-                    self.counters.dropped += 1;
-                    ChainOutcome::Used(0)
-                }
-            }
-        })?;
-        let out_of_buffers = !pass.deferred;
-        self.set_watch(ctx.registrar, !out_of_buffers && !throttled);
+        };
+        cursor.finish()?;
+        self.set_watch(ctx.registrar, stop == RxStop::NoFrame);
         Ok(())
+    }
+
+    /// Delivers (or drops) the next frame. Chains are taken first (a frame
+    /// is only read from the backend once one is at hand), then the frame,
+    /// then more chains while it does not fit and mergeable buffers allow
+    /// it. A frame that could fit in more buffers than the driver has
+    /// posted so far, or that the limiter holds back, stays in
+    /// `rx_pending` and its chains are put back. A frame too big for one
+    /// chain (no mergeable buffers) or for the whole queue, or met by a
+    /// chain the device cannot write, is dropped; the chains it took go
+    /// back to the driver empty.
+    fn deliver_rx_frame(
+        &mut self,
+        cursor: &mut QueueCursor<'_, '_>,
+    ) -> Result<RxStep, DeviceError> {
+        let mem = cursor.mem;
+        let max_chains = if self.mergeable {
+            usize::from(cursor.size())
+        } else {
+            1
+        };
+        let Some(first) = cursor.pop()? else {
+            return Ok(RxStep::Stop(RxStop::NoBuffers));
+        };
+        let mut buffers = vec![RxBuffer::new(mem, first)];
+        let Some(len) = self.next_rx_packet() else {
+            cursor.put_back(1);
+            return Ok(RxStep::Stop(RxStop::NoFrame));
+        };
+        let mut room = buffers[0].room();
+        let mut usable = buffers[0].usable(self.mergeable);
+        while usable && room < len && buffers.len() < max_chains {
+            let Some(chain) = cursor.pop()? else {
+                cursor.put_back(buffers.len() as u16);
+                self.rx_pending = Some(len);
+                return Ok(RxStep::Stop(RxStop::NoBuffers));
+            };
+            let buffer = RxBuffer::new(mem, chain);
+            usable = buffer.usable(self.mergeable);
+            room += buffer.room();
+            buffers.push(buffer);
+        }
+        if !usable || room < len {
+            self.counters.dropped += 1;
+            for buffer in buffers {
+                cursor.add_used(buffer.head, 0)?;
+            }
+            return Ok(RxStep::Dropped);
+        }
+        if let Some(limiter) = &mut self.rx_limiter
+            && !limiter.consume((len - NET_HEADER_SIZE) as u64)
+        {
+            cursor.put_back(buffers.len() as u16);
+            self.rx_pending = Some(len);
+            self.counters.throttled += 1;
+            return Ok(RxStep::Stop(RxStop::Throttled));
+        }
+        let packet = &mut self.rx_frame[..len];
+        header::set_num_buffers(packet, buffers.len() as u16);
+        let mut rest: &[u8] = packet;
+        for buffer in buffers {
+            let n = buffer.room().min(rest.len());
+            let (part, tail) = rest.split_at(n);
+            rest = tail;
+            if let Some(mut writer) = buffer.writer
+                && let Err(e) = writer.write_all(part)
+            {
+                // The writer checked the memory: not expected.
+                log::warn!("virtio-net: writing an RX buffer: {e}");
+            }
+            cursor.add_used(buffer.head, n as u32)?;
+        }
+        self.counters.rx_frames += 1;
+        Ok(RxStep::Delivered)
     }
 }
 
-/// Writes `packet` (an RX header, already prepared, and its frame) into a
-/// guest buffer; `None` if the buffer is unusable or too small.
-pub fn write_rx_packet(mem: &GuestMemory, chain: Chain<'_>, packet: &[u8]) -> Option<u32> {
-    let mut writer: Writer<'_> = chain.writer(mem).ok()?;
-    if writer.available_bytes() < packet.len() {
-        return None;
+/// What became of one RX step.
+enum RxStep {
+    Delivered,
+    Dropped,
+    Stop(RxStop),
+}
+
+/// Why RX stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RxStop {
+    /// The backend has no frame: wait for the tap.
+    NoFrame,
+    /// The driver has no (or not enough) buffers: wait for its notification.
+    NoBuffers,
+    /// The limiter holds the frame back: wait for its timer.
+    Throttled,
+}
+
+/// One guest RX chain taken for a frame.
+struct RxBuffer<'m> {
+    head: u16,
+    /// `None`: a chain the device cannot write (read-only descriptors,
+    /// memory outside the guest's).
+    writer: Option<Writer<'m>>,
+}
+
+impl<'m> RxBuffer<'m> {
+    fn new(mem: &'m GuestMemory, chain: Chain<'m>) -> Self {
+        Self {
+            head: chain.head_index(),
+            writer: chain.writer(mem).ok(),
+        }
     }
-    writer.write_all(packet).ok()?;
-    u32::try_from(packet.len()).ok()
+
+    fn room(&self) -> usize {
+        self.writer.as_ref().map_or(0, Writer::available_bytes)
+    }
+
+    /// Whether the chain can carry a frame: writable, and with mergeable
+    /// buffers at least a header long (the spec asks that of every one).
+    fn usable(&self, mergeable: bool) -> bool {
+        self.writer.is_some() && (!mergeable || self.room() >= NET_HEADER_SIZE)
+    }
 }
 
 impl VirtioDevice for Net {
@@ -319,7 +417,7 @@ impl VirtioDevice for Net {
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | OFFLOAD_FEATURES
+        VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | OFFLOAD_FEATURES | VIRTIO_NET_F_MRG_RXBUF
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -329,6 +427,7 @@ impl VirtioDevice for Net {
     fn activate(&mut self, features: u64, ctx: &mut QueueContext<'_>) -> Result<(), DeviceError> {
         self.tx_offloads = Offloads::tx(features);
         self.rx_offloads = Offloads::rx(features);
+        self.mergeable = features & VIRTIO_NET_F_MRG_RXBUF != 0;
         let tun_flags = self.rx_offloads.tun_flags();
         if let Err(e) = self.backend.set_offloads(tun_flags) {
             // The tap keeps handing us plain frames, which every driver
@@ -381,6 +480,7 @@ impl VirtioDevice for Net {
         self.rx_pending = None;
         self.tx_offloads = Offloads::default();
         self.rx_offloads = Offloads::default();
+        self.mergeable = false;
     }
 }
 
@@ -432,8 +532,10 @@ mod tests {
     const NEEDS_CSUM: u8 = 1;
     const DATA_VALID: u8 = 2;
     const GSO_TCPV4: u8 = 1;
-    /// What a Linux driver acks of our offer.
+    /// Every offload, no mergeable buffers (big RX buffers).
     const ALL: u64 = VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | OFFLOAD_FEATURES;
+    /// What a Linux driver acks of our offer.
+    const MERGEABLE: u64 = ALL | VIRTIO_NET_F_MRG_RXBUF;
 
     fn device() -> (Net, UnixDatagram, Arc<AtomicU32>) {
         let (a, b) = UnixDatagram::pair().unwrap();
@@ -686,8 +788,163 @@ mod tests {
         assert_eq!(net.counters().rx_frames, 0);
         let used = mock.used().ring().ref_at(0).unwrap().load();
         assert_eq!(used.len(), 0);
-        let chain = ChainBuilder::new().readable(0x10_0000, 100).build(&q);
-        assert_eq!(write_rx_packet(&q.mem, chain, b"hello"), None);
+        // A chain the device cannot write: the frame is dropped too.
+        host.send(&packet(0, 0, b"hello")).unwrap();
+        offer(&mock, &ChainBuilder::new().readable(0x10_1000, 100), 1);
+        net.queue_notified(RX_QUEUE, &mut rig.ctx()).unwrap();
+        assert_eq!(net.counters().dropped, 2);
+        assert_eq!(mock.used().idx().load(), 2);
+    }
+
+    /// Offers `count` mergeable buffers of `size` bytes, the first at
+    /// descriptor (and address slot) `first`.
+    fn offer_buffers(mock: &MockSplitQueue<'_, GuestMemory>, first: u16, count: u16, size: u32) {
+        for i in first..first + count {
+            let chain = ChainBuilder::new().writable(0x10_0000 + u64::from(i) * 0x1_0000, size);
+            offer(mock, &chain, i);
+        }
+    }
+
+    /// The used ring entries from `from` on: (head, length).
+    fn used_entries(mock: &MockSplitQueue<'_, GuestMemory>, from: u16) -> Vec<(u32, u32)> {
+        (from..mock.used().idx().load())
+            .map(|i| {
+                let e = mock.used().ring().ref_at(usize::from(i)).unwrap().load();
+                (e.id(), e.len())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn with_mergeable_buffers_a_gso_frame_spans_as_many_as_it_needs() {
+        let (mut net, host, _) = device();
+        let q = TestQueue::new();
+        let mut rig = Rig::new(&q);
+        let mock = q.mock();
+        net.activate(MERGEABLE, &mut rig.ctx()).unwrap();
+        let frame: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = packet(NEEDS_CSUM, GSO_TCPV4, &frame);
+        host.send(&sent).unwrap();
+        host.send(&packet(0, 0, b"small")).unwrap();
+        offer_buffers(&mock, 0, 8, 4096);
+        net.queue_notified(RX_QUEUE, &mut rig.ctx()).unwrap();
+        assert_eq!(net.counters().rx_frames, 2);
+        // 20012 bytes: four full buffers and 3628 bytes of a fifth; the
+        // small frame takes the sixth.
+        let used = used_entries(&mock, 0);
+        assert_eq!(
+            used,
+            [
+                (0, 4096),
+                (1, 4096),
+                (2, 4096),
+                (3, 4096),
+                (4, 3628),
+                (5, 17)
+            ]
+        );
+        let mut got = Vec::new();
+        for (head, len) in &used[..5] {
+            let mut part = vec![0u8; *len as usize];
+            q.mem
+                .read_slice(
+                    &mut part,
+                    GuestAddress(0x10_0000 + u64::from(*head) * 0x1_0000),
+                )
+                .unwrap();
+            got.extend_from_slice(&part);
+        }
+        assert_eq!(
+            &got[..10],
+            &sent[..10],
+            "offload fields as the tap gave them"
+        );
+        assert_eq!(&got[10..12], &[5, 0], "num_buffers");
+        assert_eq!(&got[12..], &frame[..]);
+        let mut small = [0u8; 17];
+        q.mem
+            .read_slice(&mut small, GuestAddress(0x15_0000))
+            .unwrap();
+        assert_eq!(&small[10..], b"\x01\x00small");
+    }
+
+    #[test]
+    fn with_mergeable_buffers_a_frame_waits_for_enough_of_them() {
+        let (mut net, host, _) = device();
+        let q = TestQueue::new();
+        let mut rig = Rig::new(&q);
+        let mock = q.mock();
+        net.activate(MERGEABLE, &mut rig.ctx()).unwrap();
+        host.send(&packet(0, 0, &[3; 10_000])).unwrap();
+        offer_buffers(&mock, 0, 2, 4096);
+        net.queue_notified(RX_QUEUE, &mut rig.ctx()).unwrap();
+        // Two buffers hold 8192 of 10012 bytes: nothing is used, the frame
+        // waits in the device and the tap is not watched.
+        assert_eq!(mock.used().idx().load(), 0);
+        assert!(net.rx_pending.is_some());
+        assert!(!net.watching_tap);
+        offer_buffers(&mock, 2, 1, 4096);
+        net.queue_notified(RX_QUEUE, &mut rig.ctx()).unwrap();
+        assert_eq!(used_entries(&mock, 0), [(0, 4096), (1, 4096), (2, 1820)]);
+        assert_eq!(net.counters().rx_frames, 1);
+        assert_eq!(net.counters().dropped, 0);
+    }
+
+    #[test]
+    fn with_mergeable_buffers_a_bad_chain_drops_the_frame_and_returns_what_it_took() {
+        let (mut net, host, _) = device();
+        let q = TestQueue::new();
+        let mut rig = Rig::new(&q);
+        let mock = q.mock();
+        net.activate(MERGEABLE, &mut rig.ctx()).unwrap();
+        host.send(&packet(0, 0, &[3; 6000])).unwrap();
+        host.send(&packet(0, 0, b"next")).unwrap();
+        offer_buffers(&mock, 0, 1, 4096);
+        offer(&mock, &ChainBuilder::new().readable(0x11_0000, 4096), 1);
+        offer_buffers(&mock, 2, 1, 4096);
+        net.queue_notified(RX_QUEUE, &mut rig.ctx()).unwrap();
+        assert_eq!(used_entries(&mock, 0), [(0, 0), (1, 0), (2, 16)]);
+        assert_eq!(net.counters().dropped, 1);
+        assert_eq!(net.counters().rx_frames, 1);
+        // A buffer shorter than a header breaks the spec: dropped as well.
+        host.send(&packet(0, 0, b"x")).unwrap();
+        offer_buffers(&mock, 3, 1, 8);
+        net.queue_notified(RX_QUEUE, &mut rig.ctx()).unwrap();
+        assert_eq!(used_entries(&mock, 3), [(3, 0)]);
+        assert_eq!(net.counters().dropped, 2);
+    }
+
+    #[test]
+    fn with_mergeable_buffers_a_throttled_frame_puts_its_buffers_back() {
+        let (net, host, _) = device();
+        let limit = RateLimit {
+            bytes: None,
+            ops: Some(crate::rate_limiter::BucketConfig { rate: 20, burst: 1 }),
+        };
+        let mut net = net.with_limits(limit, RateLimit::default()).unwrap();
+        let q = TestQueue::new();
+        let mut rig = Rig::new(&q);
+        let mock = q.mock();
+        net.activate(MERGEABLE, &mut rig.ctx()).unwrap();
+        host.send(&packet(0, 0, &[1; 5000])).unwrap();
+        host.send(&packet(0, 0, &[2; 5000])).unwrap();
+        offer_buffers(&mock, 0, 4, 4096);
+        net.queue_notified(RX_QUEUE, &mut rig.ctx()).unwrap();
+        assert_eq!(used_entries(&mock, 0), [(0, 4096), (1, 916)]);
+        assert_eq!(net.counters().throttled, 1);
+        let mut fds = [libc::pollfd {
+            fd: net.rx_limiter.as_ref().unwrap().timer_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // SAFETY: `fds` is a valid array of one pollfd for the call.
+        assert_eq!(unsafe { libc::poll(fds.as_mut_ptr(), 1, 2000) }, 1);
+        net.backend_event(RX_TIMER_TOKEN, EventSet::IN, &mut rig.ctx())
+            .unwrap();
+        assert_eq!(used_entries(&mock, 2), [(2, 4096), (3, 916)]);
+        let mut got = [0u8; 4];
+        q.mem.read_slice(&mut got, GuestAddress(0x13_0000)).unwrap();
+        assert_eq!(got, [2; 4]);
     }
 
     #[test]
