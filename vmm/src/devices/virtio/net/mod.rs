@@ -549,6 +549,33 @@ mod tests {
         (Net::new(Box::new(backend), mac), b, offloads)
     }
 
+    /// A limit that lets one frame pass, then one every 50 ms.
+    const ONE_FRAME: RateLimit = RateLimit {
+        bytes: None,
+        ops: Some(crate::rate_limiter::BucketConfig { rate: 20, burst: 1 }),
+    };
+
+    /// Waits for the timer of the RX or TX limiter (by its token) and hands
+    /// its event to the device.
+    fn fire_timer(net: &mut Net, rig: &mut Rig<'_>, token: u32) {
+        let limiter = if token == RX_TIMER_TOKEN {
+            &net.rx_limiter
+        } else {
+            &net.tx_limiter
+        };
+        assert!(limiter.as_ref().unwrap().wait_for_timer(), "no timer");
+        net.backend_event(token, EventSet::IN, &mut rig.ctx())
+            .unwrap();
+    }
+
+    /// A device on a socket pair, activated with `features` over `q`.
+    fn active(q: &TestQueue, features: u64) -> (Net, UnixDatagram, Rig<'_>) {
+        let (mut net, host, _) = device();
+        let mut rig = Rig::new(q);
+        rig.activate(&mut net, features);
+        (net, host, rig)
+    }
+
     /// A header (flags, gso_type, gso_size 1448, num_buffers as the tap
     /// leaves it: garbage) and `frame`.
     fn packet(flags: u8, gso_type: u8, frame: &[u8]) -> Vec<u8> {
@@ -558,11 +585,12 @@ mod tests {
     }
 
     /// The device side of a queue pair in test memory (both queues on the
-    /// same rings: a test uses one of them) and what a device needs around
-    /// it. Chains are offered through one `TestQueue::mock()` kept for the
-    /// whole test (making a mock resets the rings).
+    /// same rings: a test uses one of them), the driver side (`mock`, made
+    /// once: making one resets the rings) and what a device needs around
+    /// them.
     struct Rig<'a> {
         mem: &'a GuestMemory,
+        mock: MockSplitQueue<'a, GuestMemory>,
         queues: Vec<Queue>,
         interrupt: Interrupt,
         registrar: Registrar,
@@ -571,10 +599,12 @@ mod tests {
 
     impl<'a> Rig<'a> {
         fn new(q: &'a TestQueue) -> Self {
+            let queues = vec![q.queue(), q.queue()];
             let mut event_loop = EventLoop::new().unwrap();
             Self {
                 mem: &q.mem,
-                queues: vec![q.queue(), q.queue()],
+                mock: q.mock(),
+                queues,
                 interrupt: Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()),
                 registrar: event_loop.registrar(),
                 _event_loop: event_loop,
@@ -589,12 +619,44 @@ mod tests {
                 registrar: &self.registrar,
             }
         }
-    }
 
-    /// Makes `chain` available at descriptor `first`.
-    fn offer(mock: &MockSplitQueue<'_, GuestMemory>, chain: &ChainBuilder, first: u16) {
-        mock.add_desc_chains(&chain.descriptors_at(first), first)
-            .unwrap();
+        fn activate(&mut self, net: &mut Net, features: u64) {
+            net.activate(features, &mut self.ctx()).unwrap();
+        }
+
+        /// Makes `chain` available at descriptor `first`.
+        fn offer(&self, chain: &ChainBuilder, first: u16) {
+            self.mock
+                .add_desc_chains(&chain.descriptors_at(first), first)
+                .unwrap();
+        }
+
+        /// Offers `count` one-descriptor buffers of `size` bytes, the first
+        /// at descriptor (and 64 KiB address slot) `first`.
+        fn offer_buffers(&self, first: u16, count: u16, size: u32) {
+            for i in first..first + count {
+                let addr = 0x10_0000 + u64::from(i) * 0x1_0000;
+                self.offer(&ChainBuilder::new().writable(addr, size), i);
+            }
+        }
+
+        /// `len` bytes of guest memory at `addr`.
+        fn read(&self, addr: u64, len: usize) -> Vec<u8> {
+            let mut buf = vec![0u8; len];
+            self.mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+            buf
+        }
+
+        /// The used ring entries from `from` on: (head, length).
+        fn used(&self, from: u16) -> Vec<(u32, u32)> {
+            let used = self.mock.used();
+            (from..used.idx().load())
+                .map(|i| {
+                    let e = used.ring().ref_at(usize::from(i)).unwrap().load();
+                    (e.id(), e.len())
+                })
+                .collect()
+        }
     }
 
     #[test]
@@ -612,7 +674,7 @@ mod tests {
         assert_eq!(net.features() & OFFLOAD_FEATURES, OFFLOAD_FEATURES);
         let q = TestQueue::new();
         let mut rig = Rig::new(&q);
-        net.activate(ALL, &mut rig.ctx()).unwrap();
+        rig.activate(&mut net, ALL);
         assert_eq!(
             offloads.load(Ordering::SeqCst),
             libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | libc::TUN_F_UFO
@@ -620,14 +682,13 @@ mod tests {
         net.reset(&rig.registrar);
         assert_eq!(net.rx_offloads, Offloads::default());
         // A driver that takes no offloads: the tap hands over plain frames.
-        net.activate(VIRTIO_F_VERSION_1, &mut rig.ctx()).unwrap();
+        rig.activate(&mut net, VIRTIO_F_VERSION_1);
         assert_eq!(offloads.load(Ordering::SeqCst), 0);
         net.reset(&rig.registrar);
-        net.activate(
+        rig.activate(
+            &mut net,
             VIRTIO_F_VERSION_1 | VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_HOST_TSO4,
-            &mut rig.ctx(),
-        )
-        .unwrap();
+        );
         assert_eq!(offloads.load(Ordering::SeqCst), libc::TUN_F_CSUM);
     }
 
@@ -646,7 +707,7 @@ mod tests {
             .readable(0x10_1000, 11);
         // Not negotiated yet: a TSO header is refused.
         assert!(!net.serve_tx_chain(&q.mem, chain.build(&q)));
-        net.activate(ALL, &mut rig.ctx()).unwrap();
+        rig.activate(&mut net, ALL);
         assert!(net.serve_tx_chain(&q.mem, chain.build(&q)));
         let mut buf = [0u8; 64];
         let n = host.recv(&mut buf).unwrap();
@@ -688,11 +749,8 @@ mod tests {
 
     #[test]
     fn a_gso_frame_fills_a_big_multi_descriptor_rx_buffer() {
-        let (mut net, host, _) = device();
         let q = TestQueue::new();
-        let mut rig = Rig::new(&q);
-        let mock = q.mock();
-        net.activate(ALL, &mut rig.ctx()).unwrap();
+        let (mut net, host, mut rig) = active(&q, ALL);
         // What Linux posts with GUEST_TSO and no mergeable buffers: the
         // header in a descriptor of its own, then pages.
         let frame: Vec<u8> = (0..20_000u32).map(|i| i as u8).collect();
@@ -703,15 +761,11 @@ mod tests {
             .writable(0x20_0000, 0x2000)
             .writable(0x30_0000, 0x2000)
             .writable(0x38_0000, 0x2000);
-        offer(&mock, &buffer, 0);
+        rig.offer(&buffer, 0);
         net.queue_notified(RX_QUEUE, &mut rig.ctx()).unwrap();
         assert_eq!(net.counters().rx_frames, 1);
-        let used = mock.used().ring().ref_at(0).unwrap().load();
-        assert_eq!(used.len() as usize, sent.len());
-        let mem = &q.mem;
-        let mut header = [0u8; 12];
-        mem.read_slice(&mut header, GuestAddress(0x10_0000))
-            .unwrap();
+        assert_eq!(rig.used(0), [(0, sent.len() as u32)]);
+        let header = rig.read(0x10_0000, 12);
         assert_eq!(
             &header[..10],
             &sent[..10],
@@ -725,7 +779,8 @@ mod tests {
             (0x38_0000, 0x4000..frame.len()),
         ];
         for (addr, range) in parts {
-            mem.read_slice(&mut got[range], GuestAddress(addr)).unwrap();
+            let len = range.len();
+            got[range].copy_from_slice(&rig.read(addr, len));
         }
         assert_eq!(got, frame);
     }
@@ -735,22 +790,19 @@ mod tests {
         let (mut net, host, _) = device();
         let q = TestQueue::new();
         let mut rig = Rig::new(&q);
-        let mock = q.mock();
         // Checksum offload only: no TSO frames, no partial checksums
         // without it either.
-        net.activate(VIRTIO_F_VERSION_1 | VIRTIO_NET_F_GUEST_CSUM, &mut rig.ctx())
-            .unwrap();
+        rig.activate(&mut net, VIRTIO_F_VERSION_1 | VIRTIO_NET_F_GUEST_CSUM);
         host.send(&packet(NEEDS_CSUM, GSO_TCPV4, b"segment me"))
             .unwrap();
         host.send(&vec![0u8; MAX_PACKET + 1]).unwrap();
         host.send(&[0u8; 5]).unwrap();
         host.send(&packet(NEEDS_CSUM, 0, b"fine")).unwrap();
-        offer(&mock, &ChainBuilder::new().writable(0x10_0000, 2048), 0);
+        rig.offer(&ChainBuilder::new().writable(0x10_0000, 2048), 0);
         net.queue_notified(RX_QUEUE, &mut rig.ctx()).unwrap();
         assert_eq!(net.counters().dropped, 3);
         assert_eq!(net.counters().rx_frames, 1);
-        let mut got = [0u8; 16];
-        q.mem.read_slice(&mut got, GuestAddress(0x10_0000)).unwrap();
+        let got = rig.read(0x10_0000, 16);
         assert_eq!(got[0], NEEDS_CSUM);
         assert_eq!(&got[12..], b"fine");
         // Reset and renegotiated without offloads: a frame the tap queued
@@ -758,15 +810,13 @@ mod tests {
         net.reset(&rig.registrar);
         let q = TestQueue::new();
         let mut rig = Rig::new(&q);
-        let mock = q.mock();
-        net.activate(VIRTIO_F_VERSION_1, &mut rig.ctx()).unwrap();
+        rig.activate(&mut net, VIRTIO_F_VERSION_1);
         host.send(&packet(NEEDS_CSUM, 0, b"partial")).unwrap();
         host.send(&packet(DATA_VALID, 0, b"valid")).unwrap();
-        offer(&mock, &ChainBuilder::new().writable(0x10_0000, 2048), 0);
+        rig.offer(&ChainBuilder::new().writable(0x10_0000, 2048), 0);
         net.queue_notified(RX_QUEUE, &mut rig.ctx()).unwrap();
         assert_eq!(net.counters().dropped, 4);
-        let mut got = [0u8; 17];
-        q.mem.read_slice(&mut got, GuestAddress(0x10_0000)).unwrap();
+        let got = rig.read(0x10_0000, 17);
         assert_eq!(
             got[0], 0,
             "DATA_VALID is not for a driver without GUEST_CSUM"
@@ -776,62 +826,36 @@ mod tests {
 
     #[test]
     fn a_frame_too_big_for_the_buffer_is_dropped() {
-        let (mut net, host, _) = device();
         let q = TestQueue::new();
-        let mut rig = Rig::new(&q);
-        let mock = q.mock();
-        net.activate(ALL, &mut rig.ctx()).unwrap();
+        let (mut net, host, mut rig) = active(&q, ALL);
         host.send(&packet(0, 0, &[7; 3000])).unwrap();
-        offer(&mock, &ChainBuilder::new().writable(0x10_0000, 1526), 0);
+        rig.offer(&ChainBuilder::new().writable(0x10_0000, 1526), 0);
         net.queue_notified(RX_QUEUE, &mut rig.ctx()).unwrap();
         assert_eq!(net.counters().dropped, 1);
         assert_eq!(net.counters().rx_frames, 0);
-        let used = mock.used().ring().ref_at(0).unwrap().load();
-        assert_eq!(used.len(), 0);
+        assert_eq!(rig.used(0), [(0, 0)]);
         // A chain the device cannot write: the frame is dropped too.
         host.send(&packet(0, 0, b"hello")).unwrap();
-        offer(&mock, &ChainBuilder::new().readable(0x10_1000, 100), 1);
+        rig.offer(&ChainBuilder::new().readable(0x10_1000, 100), 1);
         net.queue_notified(RX_QUEUE, &mut rig.ctx()).unwrap();
         assert_eq!(net.counters().dropped, 2);
-        assert_eq!(mock.used().idx().load(), 2);
-    }
-
-    /// Offers `count` mergeable buffers of `size` bytes, the first at
-    /// descriptor (and address slot) `first`.
-    fn offer_buffers(mock: &MockSplitQueue<'_, GuestMemory>, first: u16, count: u16, size: u32) {
-        for i in first..first + count {
-            let chain = ChainBuilder::new().writable(0x10_0000 + u64::from(i) * 0x1_0000, size);
-            offer(mock, &chain, i);
-        }
-    }
-
-    /// The used ring entries from `from` on: (head, length).
-    fn used_entries(mock: &MockSplitQueue<'_, GuestMemory>, from: u16) -> Vec<(u32, u32)> {
-        (from..mock.used().idx().load())
-            .map(|i| {
-                let e = mock.used().ring().ref_at(usize::from(i)).unwrap().load();
-                (e.id(), e.len())
-            })
-            .collect()
+        assert_eq!(rig.used(1), [(1, 0)]);
     }
 
     #[test]
     fn with_mergeable_buffers_a_gso_frame_spans_as_many_as_it_needs() {
-        let (mut net, host, _) = device();
         let q = TestQueue::new();
-        let mut rig = Rig::new(&q);
-        let mock = q.mock();
-        net.activate(MERGEABLE, &mut rig.ctx()).unwrap();
+        let (mut net, host, mut rig) = active(&q, MERGEABLE);
         let frame: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
         let sent = packet(NEEDS_CSUM, GSO_TCPV4, &frame);
         host.send(&sent).unwrap();
         host.send(&packet(0, 0, b"small")).unwrap();
-        offer_buffers(&mock, 0, 8, 4096);
+        rig.offer_buffers(0, 8, 4096);
         net.queue_notified(RX_QUEUE, &mut rig.ctx()).unwrap();
         assert_eq!(net.counters().rx_frames, 2);
         // 20012 bytes: four full buffers and 3628 bytes of a fifth; the
         // small frame takes the sixth.
-        let used = used_entries(&mock, 0);
+        let used = rig.used(0);
         assert_eq!(
             used,
             [
@@ -845,14 +869,8 @@ mod tests {
         );
         let mut got = Vec::new();
         for (head, len) in &used[..5] {
-            let mut part = vec![0u8; *len as usize];
-            q.mem
-                .read_slice(
-                    &mut part,
-                    GuestAddress(0x10_0000 + u64::from(*head) * 0x1_0000),
-                )
-                .unwrap();
-            got.extend_from_slice(&part);
+            let addr = 0x10_0000 + u64::from(*head) * 0x1_0000;
+            got.extend_from_slice(&rig.read(addr, *len as usize));
         }
         assert_eq!(
             &got[..10],
@@ -861,125 +879,90 @@ mod tests {
         );
         assert_eq!(&got[10..12], &[5, 0], "num_buffers");
         assert_eq!(&got[12..], &frame[..]);
-        let mut small = [0u8; 17];
-        q.mem
-            .read_slice(&mut small, GuestAddress(0x15_0000))
-            .unwrap();
-        assert_eq!(&small[10..], b"\x01\x00small");
+        assert_eq!(&rig.read(0x15_0000, 17)[10..], b"\x01\x00small");
     }
 
     #[test]
     fn with_mergeable_buffers_a_frame_waits_for_enough_of_them() {
-        let (mut net, host, _) = device();
         let q = TestQueue::new();
-        let mut rig = Rig::new(&q);
-        let mock = q.mock();
-        net.activate(MERGEABLE, &mut rig.ctx()).unwrap();
+        let (mut net, host, mut rig) = active(&q, MERGEABLE);
         host.send(&packet(0, 0, &[3; 10_000])).unwrap();
-        offer_buffers(&mock, 0, 2, 4096);
+        rig.offer_buffers(0, 2, 4096);
         net.queue_notified(RX_QUEUE, &mut rig.ctx()).unwrap();
         // Two buffers hold 8192 of 10012 bytes: nothing is used, the frame
         // waits in the device and the tap is not watched.
-        assert_eq!(mock.used().idx().load(), 0);
+        assert_eq!(rig.used(0), []);
         assert!(net.rx_pending.is_some());
         assert!(!net.watching_tap);
-        offer_buffers(&mock, 2, 1, 4096);
+        rig.offer_buffers(2, 1, 4096);
         net.queue_notified(RX_QUEUE, &mut rig.ctx()).unwrap();
-        assert_eq!(used_entries(&mock, 0), [(0, 4096), (1, 4096), (2, 1820)]);
+        assert_eq!(rig.used(0), [(0, 4096), (1, 4096), (2, 1820)]);
         assert_eq!(net.counters().rx_frames, 1);
         assert_eq!(net.counters().dropped, 0);
     }
 
     #[test]
     fn with_mergeable_buffers_a_bad_chain_drops_the_frame_and_returns_what_it_took() {
-        let (mut net, host, _) = device();
         let q = TestQueue::new();
-        let mut rig = Rig::new(&q);
-        let mock = q.mock();
-        net.activate(MERGEABLE, &mut rig.ctx()).unwrap();
+        let (mut net, host, mut rig) = active(&q, MERGEABLE);
         host.send(&packet(0, 0, &[3; 6000])).unwrap();
         host.send(&packet(0, 0, b"next")).unwrap();
-        offer_buffers(&mock, 0, 1, 4096);
-        offer(&mock, &ChainBuilder::new().readable(0x11_0000, 4096), 1);
-        offer_buffers(&mock, 2, 1, 4096);
+        rig.offer_buffers(0, 1, 4096);
+        rig.offer(&ChainBuilder::new().readable(0x11_0000, 4096), 1);
+        rig.offer_buffers(2, 1, 4096);
         net.queue_notified(RX_QUEUE, &mut rig.ctx()).unwrap();
-        assert_eq!(used_entries(&mock, 0), [(0, 0), (1, 0), (2, 16)]);
+        assert_eq!(rig.used(0), [(0, 0), (1, 0), (2, 16)]);
         assert_eq!(net.counters().dropped, 1);
         assert_eq!(net.counters().rx_frames, 1);
         // A buffer shorter than a header breaks the spec: dropped as well.
         host.send(&packet(0, 0, b"x")).unwrap();
-        offer_buffers(&mock, 3, 1, 8);
+        rig.offer_buffers(3, 1, 8);
         net.queue_notified(RX_QUEUE, &mut rig.ctx()).unwrap();
-        assert_eq!(used_entries(&mock, 3), [(3, 0)]);
+        assert_eq!(rig.used(3), [(3, 0)]);
         assert_eq!(net.counters().dropped, 2);
     }
 
     #[test]
     fn with_mergeable_buffers_a_throttled_frame_puts_its_buffers_back() {
         let (net, host, _) = device();
-        let limit = RateLimit {
-            bytes: None,
-            ops: Some(crate::rate_limiter::BucketConfig { rate: 20, burst: 1 }),
-        };
-        let mut net = net.with_limits(limit, RateLimit::default()).unwrap();
+        let mut net = net.with_limits(ONE_FRAME, RateLimit::default()).unwrap();
         let q = TestQueue::new();
         let mut rig = Rig::new(&q);
-        let mock = q.mock();
-        net.activate(MERGEABLE, &mut rig.ctx()).unwrap();
+        rig.activate(&mut net, MERGEABLE);
         host.send(&packet(0, 0, &[1; 5000])).unwrap();
         host.send(&packet(0, 0, &[2; 5000])).unwrap();
-        offer_buffers(&mock, 0, 4, 4096);
+        rig.offer_buffers(0, 4, 4096);
         net.queue_notified(RX_QUEUE, &mut rig.ctx()).unwrap();
-        assert_eq!(used_entries(&mock, 0), [(0, 4096), (1, 916)]);
+        assert_eq!(rig.used(0), [(0, 4096), (1, 916)]);
         assert_eq!(net.counters().throttled, 1);
-        let mut fds = [libc::pollfd {
-            fd: net.rx_limiter.as_ref().unwrap().timer_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        }];
-        // SAFETY: `fds` is a valid array of one pollfd for the call.
-        assert_eq!(unsafe { libc::poll(fds.as_mut_ptr(), 1, 2000) }, 1);
-        net.backend_event(RX_TIMER_TOKEN, EventSet::IN, &mut rig.ctx())
-            .unwrap();
-        assert_eq!(used_entries(&mock, 2), [(2, 4096), (3, 916)]);
-        let mut got = [0u8; 4];
-        q.mem.read_slice(&mut got, GuestAddress(0x13_0000)).unwrap();
-        assert_eq!(got, [2; 4]);
+        fire_timer(&mut net, &mut rig, RX_TIMER_TOKEN);
+        assert_eq!(rig.used(2), [(2, 4096), (3, 916)]);
+        assert_eq!(rig.read(0x13_0000, 4), [2; 4]);
     }
 
     #[test]
     fn rx_reads_only_when_the_guest_has_buffers() {
-        let (mut net, host, _) = device();
         let q = TestQueue::new();
-        let mut rig = Rig::new(&q);
-        let mock = q.mock();
-        net.activate(VIRTIO_F_VERSION_1, &mut rig.ctx()).unwrap();
+        let (mut net, host, mut rig) = active(&q, VIRTIO_F_VERSION_1);
         host.send(&packet(0, 0, b"one")).unwrap();
         host.send(&packet(0, 0, b"two")).unwrap();
         // One buffer: one frame delivered, the other stays in the socket.
-        offer(&mock, &ChainBuilder::new().writable(0x10_0000, 2048), 0);
+        rig.offer(&ChainBuilder::new().writable(0x10_0000, 2048), 0);
         net.queue_notified(RX_QUEUE, &mut rig.ctx()).unwrap();
         assert_eq!(net.counters().rx_frames, 1);
         assert!(!net.watching_tap, "no buffers left: tap not watched");
-        offer(&mock, &ChainBuilder::new().writable(0x10_1000, 2048), 1);
+        rig.offer(&ChainBuilder::new().writable(0x10_1000, 2048), 1);
         net.queue_notified(RX_QUEUE, &mut rig.ctx()).unwrap();
         assert_eq!(net.counters().rx_frames, 2);
-        let mut got = [0u8; 15];
-        q.mem.read_slice(&mut got, GuestAddress(0x10_1000)).unwrap();
-        assert_eq!(&got[12..], b"two");
+        assert_eq!(&rig.read(0x10_1000, 15)[12..], b"two");
     }
 
     #[test]
     fn a_tx_rate_limit_holds_frames_back_until_its_timer_fires() {
         let (net, host, _) = device();
-        let limit = RateLimit {
-            bytes: None,
-            ops: Some(crate::rate_limiter::BucketConfig { rate: 20, burst: 1 }),
-        };
-        let mut net = net.with_limits(RateLimit::default(), limit).unwrap();
+        let mut net = net.with_limits(RateLimit::default(), ONE_FRAME).unwrap();
         let q = TestQueue::new();
         let mut rig = Rig::new(&q);
-        let mock = q.mock();
         q.mem
             .write_slice(&[0; 12], GuestAddress(0x10_0000))
             .unwrap();
@@ -989,9 +972,9 @@ mod tests {
         let chain = ChainBuilder::new()
             .readable(0x10_0000, 12)
             .readable(0x10_1000, 5);
-        offer(&mock, &chain, 0);
-        offer(&mock, &chain, 2);
-        net.activate(0, &mut rig.ctx()).unwrap();
+        rig.offer(&chain, 0);
+        rig.offer(&chain, 2);
+        rig.activate(&mut net, 0);
         net.queue_notified(TX_QUEUE, &mut rig.ctx()).unwrap();
         // Burst 1: one frame passes, the second waits in the queue.
         assert_eq!(net.counters().tx_frames, 1);
@@ -999,16 +982,7 @@ mod tests {
         // A new notification while blocked does not send it either.
         net.queue_notified(TX_QUEUE, &mut rig.ctx()).unwrap();
         assert_eq!(net.counters().tx_frames, 1);
-        let mut fds = [libc::pollfd {
-            fd: net.tx_limiter.as_ref().unwrap().timer_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        }];
-        // SAFETY: `fds` is a valid array of one pollfd for the call.
-        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 1, 2000) };
-        assert_eq!(ready, 1, "no timer");
-        net.backend_event(TX_TIMER_TOKEN, EventSet::IN, &mut rig.ctx())
-            .unwrap();
+        fire_timer(&mut net, &mut rig, TX_TIMER_TOKEN);
         assert_eq!(net.counters().tx_frames, 2, "{:?}", net.counters());
         let mut buf = [0u8; 32];
         assert_eq!(host.recv(&mut buf).unwrap(), 17);
@@ -1028,14 +1002,13 @@ mod tests {
         let mut net = net.with_limits(limit, RateLimit::default()).unwrap();
         let q = TestQueue::new();
         let mut rig = Rig::new(&q);
-        let mock = q.mock();
-        net.activate(ALL, &mut rig.ctx()).unwrap();
+        rig.activate(&mut net, ALL);
         let frame = vec![1u8; MAX_FRAME - 100];
         host.send(&packet(NEEDS_CSUM, GSO_TCPV4, &frame)).unwrap();
         host.send(&packet(0, 0, &[2; 101])).unwrap();
         for (i, addr) in [0x10_0000u64, 0x20_0000].into_iter().enumerate() {
             let buffer = ChainBuilder::new().writable(addr, MAX_PACKET as u32);
-            offer(&mock, &buffer, i as u16);
+            rig.offer(&buffer, i as u16);
         }
         net.queue_notified(RX_QUEUE, &mut rig.ctx()).unwrap();
         // The GSO frame took all but 100 bytes of the bucket: the next
