@@ -2,7 +2,8 @@
 # fuzz.sh [SECONDS]: runs every cargo-fuzz target of the project for SECONDS
 # each (default 30), one after the other, and fails on the first crash.
 #
-#   vmm/fuzz:       virtio_block (virtio-blk requests), vsock_tx (vsock packets)
+#   vmm/fuzz:       virtio_block (virtio-blk requests), vsock_tx (vsock packets),
+#                   net_tx (virtio-net headers and frames)
 #   protocol/fuzz:  frame_decoder (host/guest frames), job_spec (job spec parser)
 #
 # cargo-fuzz needs nightly flags (-Zsanitizer); on a stable-only machine this
@@ -24,7 +25,7 @@ else
     export RUSTC_BOOTSTRAP=1
 fi
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target}/fuzz
-for entry in vmm:virtio_block vmm:vsock_tx protocol:frame_decoder protocol:job_spec; do
+for entry in vmm:virtio_block vmm:vsock_tx vmm:net_tx protocol:frame_decoder protocol:job_spec; do
     crate=${entry%%:*}
     target=${entry#*:}
     echo "==> fuzzing $crate/$target for ${secs}s" >&2

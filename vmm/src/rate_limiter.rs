@@ -190,6 +190,19 @@ impl RateLimiter {
     pub fn timer_fd(&self) -> RawFd {
         self.timer.as_raw_fd()
     }
+
+    /// Waits up to 2 s for the timer fd to become readable (tests stand in
+    /// for the event loop); whether it did.
+    #[cfg(test)]
+    pub fn wait_for_timer(&self) -> bool {
+        let mut fds = [libc::pollfd {
+            fd: self.timer_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // SAFETY: `fds` is a valid array of one pollfd for the call.
+        unsafe { libc::poll(fds.as_mut_ptr(), 1, 2000) == 1 }
+    }
 }
 
 #[cfg(test)]
@@ -261,14 +274,7 @@ mod tests {
         assert!(limiter.is_blocked());
         assert!(!limiter.consume(1), "blocked until the timer fires");
         // The timer fires after ~100 ms (one frame at 10/s).
-        let mut fds = [libc::pollfd {
-            fd: limiter.timer_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        }];
-        // SAFETY: `fds` is a valid array of one pollfd for the call.
-        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 1, 2000) };
-        assert_eq!(ready, 1, "the timer did not fire");
+        assert!(limiter.wait_for_timer(), "the timer did not fire");
         limiter.on_timer();
         assert!(!limiter.is_blocked());
         assert!(limiter.consume(100));

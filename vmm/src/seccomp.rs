@@ -202,7 +202,7 @@ fn common() -> Result<Rules, seccompiler::BackendError> {
 /// A vCPU thread: runs the guest; port and MMIO exits call the legacy
 /// devices (serial writes its capture file, i8042/boot timer/virtio
 /// registers) and may register queue fds with the device thread's epoll
-/// when the guest activates a virtio device.
+/// and set a tap's offloads when the guest activates a virtio device.
 fn vcpu() -> Result<Rules, seccompiler::BackendError> {
     let mut rules = common()?;
     rules.extend(allow_arg_in(
@@ -213,6 +213,11 @@ fn vcpu() -> Result<Rules, seccompiler::BackendError> {
             KVM_RUN,
             // Register dump for a KVM internal-error report.
             KVM_GET_REGS,
+            // virtio-net activation: the driver's DRIVER_OK status write
+            // (an MMIO exit, so on this thread) tells the tap which
+            // offloads the guest acked. TUNSETIFF and TUNSETVNETHDRSZ are
+            // issued at start-up, before any filter is installed.
+            libc::TUNSETOFFLOAD,
         ],
     )?);
     rules.extend(allow(&[
@@ -383,6 +388,23 @@ mod tests {
         });
         assert!(libc::WIFSIGNALED(status), "status {status:#x}");
         assert_eq!(libc::WTERMSIG(status), libc::SIGSYS);
+    }
+
+    #[test]
+    fn only_vcpu_threads_may_set_tap_offloads() {
+        fn set_offloads() {
+            // SAFETY: an ioctl on fd -1 fails with EBADF; it takes its
+            // argument by value.
+            unsafe { libc::ioctl(-1, libc::TUNSETOFFLOAD, 0 as libc::c_ulong) };
+        }
+        assert_eq!(in_filtered_child(ThreadKind::Vcpu, set_offloads), 0);
+        for kind in [ThreadKind::Devices, ThreadKind::Main] {
+            let status = in_filtered_child(kind, set_offloads);
+            assert!(
+                libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
+                "{kind:?}: {status:#x}"
+            );
+        }
     }
 
     #[test]

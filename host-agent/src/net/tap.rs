@@ -8,7 +8,9 @@
 //! rather than adopt an existing device of that name), then optionally
 //! `TUNSETOWNER`/`TUNSETGROUP` so that an unprivileged VMM may attach, then
 //! `TUNSETPERSIST`. Flags are those the VMM attaches with (`IFF_TAP |
-//! IFF_NO_PI`, no vnet header).
+//! IFF_NO_PI | IFF_VNET_HDR`); the kernel applies the flags of each
+//! attach, so what counts is the VMM's (which also sets the vnet header
+//! size and the offloads itself).
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -57,7 +59,8 @@ pub fn create_persistent_tap(name: &str, owner: Option<(u32, u32)>) -> Result<()
         *dst = src as libc::c_char;
     }
     request.ifr_ifru.ifru_flags =
-        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_TUN_EXCL) as libc::c_short;
+        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR | libc::IFF_TUN_EXCL)
+            as libc::c_short;
     // SAFETY: TUNSETIFF reads and writes an ifreq, which `request` is, on a
     // valid tun fd; the result is checked.
     let rc = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut request) };

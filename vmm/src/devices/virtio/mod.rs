@@ -246,48 +246,102 @@ pub fn process_queue_until_deferred<F>(
 where
     F: FnMut(&GuestMemory, Chain<'_>) -> ChainOutcome,
 {
-    let mem = ctx.mem;
-    let queue_error = |reason: String| DeviceError::Queue {
-        queue: index,
-        reason,
-    };
-    let queue = ctx
-        .queues
-        .get_mut(index)
-        .ok_or_else(|| queue_error("no such queue".into()))?;
-    let mut pass = QueuePass {
-        served: 0,
-        deferred: false,
-    };
-    loop {
-        let next = queue
-            .iter(mem)
-            .map_err(|e| queue_error(e.to_string()))?
-            .next();
-        let Some(chain) = next else { break };
+    let mut cursor = QueueCursor::new(ctx, index)?;
+    let mut deferred = false;
+    while let Some(chain) = cursor.pop()? {
         let head = chain.head_index();
-        match handle(mem, chain) {
-            ChainOutcome::Used(written) => {
-                queue
-                    .add_used(mem, head, written)
-                    .map_err(|e| queue_error(format!("head {head}: {e}")))?;
-                pass.served += 1;
-            }
+        match handle(cursor.mem, chain) {
+            ChainOutcome::Used(written) => cursor.add_used(head, written)?,
             ChainOutcome::Deferred => {
-                queue.go_to_previous_position();
-                pass.deferred = true;
+                cursor.put_back(1);
+                deferred = true;
                 break;
             }
         }
     }
-    if pass.served > 0
-        && queue
-            .needs_notification(mem)
-            .map_err(|e| queue_error(e.to_string()))?
-    {
-        ctx.interrupt.signal_used_queue();
+    let served = cursor.finish()?;
+    Ok(QueuePass { served, deferred })
+}
+
+/// One queue of a [`QueueContext`], driven chain by chain, for devices
+/// that may take several chains for one piece of work (virtio-net
+/// mergeable RX buffers). A bad available index or head index is a driver
+/// error for the whole queue ([`DeviceError::Queue`]); [`Self::finish`]
+/// raises the interrupt if chains were used and the driver wants one.
+pub struct QueueCursor<'c, 'm> {
+    index: usize,
+    /// Guest memory.
+    pub mem: &'m GuestMemory,
+    queue: &'c mut Queue,
+    interrupt: &'c Interrupt,
+    used: usize,
+}
+
+impl<'c, 'm> QueueCursor<'c, 'm> {
+    /// Queue `index` of `ctx`.
+    pub fn new(ctx: &'c mut QueueContext<'m>, index: usize) -> Result<Self, DeviceError> {
+        let queue = ctx
+            .queues
+            .get_mut(index)
+            .ok_or_else(|| queue_error(index, "no such queue"))?;
+        Ok(Self {
+            index,
+            mem: ctx.mem,
+            queue,
+            interrupt: ctx.interrupt,
+            used: 0,
+        })
     }
-    Ok(pass)
+
+    /// The queue's size as the driver set it.
+    pub fn size(&self) -> u16 {
+        self.queue.size()
+    }
+
+    /// The next available chain, if any.
+    pub fn pop(&mut self) -> Result<Option<Chain<'m>>, DeviceError> {
+        let mem = self.mem;
+        Ok(self
+            .queue
+            .iter(mem)
+            .map_err(|e| queue_error(self.index, e))?
+            .next())
+    }
+
+    /// Makes the last `count` chains popped (and not used) available again.
+    pub fn put_back(&mut self, count: u16) {
+        let next = self.queue.next_avail().wrapping_sub(count);
+        self.queue.set_next_avail(next);
+    }
+
+    /// Puts chain `head` on the used ring with `written` bytes written into it.
+    pub fn add_used(&mut self, head: u16, written: u32) -> Result<(), DeviceError> {
+        self.queue
+            .add_used(self.mem, head, written)
+            .map_err(|e| queue_error(self.index, format!("head {head}: {e}")))?;
+        self.used += 1;
+        Ok(())
+    }
+
+    /// Raises the interrupt if chains were used; returns how many.
+    pub fn finish(self) -> Result<usize, DeviceError> {
+        if self.used > 0
+            && self
+                .queue
+                .needs_notification(self.mem)
+                .map_err(|e| queue_error(self.index, e))?
+        {
+            self.interrupt.signal_used_queue();
+        }
+        Ok(self.used)
+    }
+}
+
+fn queue_error(queue: usize, reason: impl ToString) -> DeviceError {
+    DeviceError::Queue {
+        queue,
+        reason: reason.to_string(),
+    }
 }
 
 /// Shared handle to a device's interrupt.
