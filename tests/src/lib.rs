@@ -9,6 +9,7 @@
 pub mod assets;
 pub mod direct;
 pub mod e2e;
+pub mod heartbeat;
 pub mod host;
 pub mod initramfs;
 pub mod l1;

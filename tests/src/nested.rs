@@ -10,12 +10,15 @@
 //! Two serial ports separate the channels: ttyS0 is the L1 console (kernel
 //! log, kept in `console.log` for failure reports), ttyS1 carries the
 //! scenario's output and the harness's marker lines to QEMU's stdout, which
-//! `pump` reads live. The L1 has no network device.
+//! `pump` reads live, and ttyS2 carries the L1's heartbeat to
+//! `heartbeat.log` (see `heartbeat`: a silent beat ends a frozen L1 early).
+//! The L1 has no network device.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::heartbeat;
 use crate::initramfs::Initramfs;
 use crate::l1::L1Kernel;
 use crate::ldd::shared_libraries;
@@ -53,6 +56,8 @@ pub fn run(sc: &Scenario, workdir: &Path, nonce: &str) -> Result<NestedRun, Harn
     let prepare = started.elapsed();
 
     let console = workdir.join("console.log");
+    let beat_log = workdir.join("heartbeat.log");
+    let _ = std::fs::remove_file(&beat_log);
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args(["-accel", "tcg", "-cpu", "EPYC", "-M", "q35"])
         .args([
@@ -81,7 +86,17 @@ pub fn run(sc: &Scenario, workdir: &Path, nonce: &str) -> Result<NestedRun, Harn
             "stdio,id=scenario,signal=off",
             "-serial",
             "chardev:scenario",
-        ]);
+        ])
+        .arg("-serial")
+        .arg(format!("file:{}", beat_log.display()));
+    // QEMU's monitor, asked where the vCPUs are when the L1 freezes; a
+    // socket path too long for sun_path just goes without it.
+    let monitor = workdir.join("qemu-monitor.sock");
+    let _ = std::fs::remove_file(&monitor);
+    if monitor.as_os_str().len() < 100 {
+        cmd.arg("-monitor")
+            .arg(format!("unix:{},server=on,wait=off", monitor.display()));
+    }
     for disk in &disks {
         cmd.arg("-drive").arg(format!(
             "file={},format=raw,if=virtio,readonly=on",
@@ -108,14 +123,27 @@ pub fn run(sc: &Scenario, workdir: &Path, nonce: &str) -> Result<NestedRun, Harn
 
     let deadline = boot_start + sc.timeout.saturating_sub(prepare);
     let mut timed_out = false;
+    let mut frozen = None;
+    let mut beat = heartbeat::Watch::new(&beat_log);
+    let mut next_beat_check = boot_start;
     let qemu_status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break Some(status),
             Ok(None) => {}
             Err(e) => return Err(HarnessError::Io("waiting for QEMU".into(), e)),
         }
-        if Instant::now() >= deadline {
-            timed_out = true;
+        let now = Instant::now();
+        if now >= next_beat_check {
+            next_beat_check = now + Duration::from_secs(1);
+            frozen = beat.silent_for(now, sc.freeze_limit);
+        }
+        if frozen.is_some() || now >= deadline {
+            if frozen.is_some() {
+                let dump = workdir.join("l1-frozen-vcpus.log");
+                let _ = std::fs::write(&dump, heartbeat::vcpu_registers(&monitor));
+            } else {
+                timed_out = true;
+            }
             let _ = child.kill();
             let _ = child.wait();
             break None;
@@ -130,6 +158,8 @@ pub fn run(sc: &Scenario, workdir: &Path, nonce: &str) -> Result<NestedRun, Harn
     let console_text = std::fs::read_to_string(&console).unwrap_or_default();
     let status = if let Some((_, code)) = seen.exit {
         Status::Exited(code)
+    } else if let Some(silent) = frozen {
+        Status::L1Frozen(silent.as_secs())
     } else if timed_out {
         Status::TimedOut
     } else if let Some(err) = seen.setup_error.clone() {
@@ -281,6 +311,7 @@ stty -F /dev/ttyS1 raw -echo 2>/dev/null
 fail() { echo "@ERROR@ $*" >&3; sync; poweroff -f; sleep 10; }
 "#,
     );
+    s.push_str(&heartbeat::beat_command("/dev/ttyS2"));
     for module in modules {
         s.push_str(&format!(
             "insmod {module} || fail \"insmod {module} failed\"\n"

@@ -99,18 +99,23 @@ pub fn run(sc: &Scenario) -> Result<Outcome, HarnessError> {
     let (status, output, mut timings) = match mode {
         ExecMode::Nested => {
             let mut r = nested::run(sc, &workdir, &nonce)?;
-            // Three ends are faults of the L1 itself, not of the scenario:
+            // Four ends are faults of the L1 itself, not of the scenario:
             // the L1 very rarely resets on its own (no panic, no exit code,
             // QEMU exits 0); under heavy L2 I/O QEMU's emulated SVM
             // sometimes delivers an L1 timer interrupt inside KVM's world
             // switch, before the host's GS base is back, and the L1 kernel
-            // panics on its first per-CPU access; and the L1 kernel can
-            // soft-lock (`softlockup_panic=1` makes that a panic). Each time
-            // the scenario runs once more in a fresh L1, saying so; a
-            // second such end is reported as the failure.
+            // panics on its first per-CPU access; the L1 kernel can
+            // soft-lock (`softlockup_panic=1` makes that a panic); and the
+            // whole L1 can freeze (its heartbeat stops, see `heartbeat`).
+            // Each time the scenario runs once more in a fresh L1, saying
+            // so; a second such end is reported as the failure.
             if let Some(why) = emulator_fault(&r.status, &workdir.join("console.log")) {
                 let first = workdir.join("console-attempt1.log");
                 let _ = std::fs::rename(workdir.join("console.log"), &first);
+                let _ = std::fs::rename(
+                    workdir.join("output.log"),
+                    workdir.join("output-attempt1.log"),
+                );
                 eprintln!(
                     "harness: WARNING: {why} during '{}' (console kept in {}); \
                      retrying once in a fresh L1",
@@ -142,11 +147,15 @@ pub fn run(sc: &Scenario) -> Result<Outcome, HarnessError> {
 /// L1's own kernel) rather than the scenario's, if it is: an L1 that ended
 /// without a panic, an exit code or a QEMU error (it reset itself), an L1
 /// panic whose call trace shows an interrupt taken inside KVM's SVM world
-/// switch, or a soft lockup of the L1 kernel (a CPU stuck in the kernel for
-/// 20 s; nothing of ours runs in the L1 kernel).
+/// switch, a soft lockup of the L1 kernel (a CPU stuck in the kernel for
+/// 20 s; nothing of ours runs in the L1 kernel), or an L1 that froze whole
+/// (no process in it ran for a minute, timers included).
 fn emulator_fault(status: &Status, console: &Path) -> Option<&'static str> {
     match status {
         Status::Died(why) if why == nested::SPONTANEOUS_END => Some("the L1 reset by itself"),
+        Status::L1Frozen(_) => {
+            Some("the L1 froze (its heartbeat stopped; vCPU registers in l1-frozen-vcpus.log)")
+        }
         Status::L1Panic => {
             let text = std::fs::read_to_string(console).unwrap_or_default();
             if is_world_switch_panic(&text) {
@@ -238,11 +247,12 @@ mod tests {
     }
 
     #[test]
-    fn only_a_reset_a_world_switch_panic_or_a_soft_lockup_is_an_l1_fault() {
+    fn only_a_reset_a_world_switch_panic_a_soft_lockup_or_a_freeze_is_an_l1_fault() {
         let dir = tempfile::tempdir().unwrap();
         let console = dir.path().join("console.log");
         let status = Status::Died(nested::SPONTANEOUS_END.into());
         assert!(emulator_fault(&status, &console).is_some());
+        assert!(emulator_fault(&Status::L1Frozen(60), &console).is_some());
         for status in [
             Status::Died("QEMU exited with 1".into()),
             Status::Exited(1),

@@ -80,6 +80,9 @@ pub struct Scenario {
     pub echo: bool,
     /// Extra arguments for the L1 kernel's command line (nested mode only).
     pub l1_kernel_args: Vec<String>,
+    /// How long the L1's heartbeat may be silent before the L1 counts as
+    /// frozen and is killed (nested mode only; see `heartbeat`).
+    pub freeze_limit: Duration,
 }
 
 impl Scenario {
@@ -98,6 +101,7 @@ impl Scenario {
             mode: ModeChoice::Auto,
             echo: true,
             l1_kernel_args: Vec::new(),
+            freeze_limit: crate::heartbeat::FREEZE_LIMIT,
         }
     }
 }
@@ -111,6 +115,10 @@ pub enum Status {
     TimedOut,
     /// The L1 kernel panicked.
     L1Panic,
+    /// The L1 stopped making progress: its heartbeat (a line a second from
+    /// a process of its own) was silent for this many seconds, and the L1
+    /// was killed.
+    L1Frozen(u64),
     /// The L1 (or the direct-mode shell) ended without reporting an exit code.
     Died(String),
     /// The L1 came up but could not prepare the scenario (e.g. no /dev/kvm).
@@ -198,6 +206,9 @@ fn describe(status: &Status) -> String {
         Status::Exited(c) => format!("FAILED: script exited with {c}"),
         Status::TimedOut => "FAILED: timed out, the L1 was killed".into(),
         Status::L1Panic => "FAILED: the L1 kernel panicked".into(),
+        Status::L1Frozen(secs) => {
+            format!("FAILED: the L1 froze (no heartbeat for {secs} s), it was killed")
+        }
         Status::Died(why) => format!("FAILED: ended without an exit code ({why})"),
         Status::SetupFailed(why) => format!("FAILED: L1 setup failed: {why}"),
     }

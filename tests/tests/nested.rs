@@ -45,6 +45,39 @@ fn a_hung_scenario_is_killed_and_reported() {
 }
 
 #[test]
+fn a_frozen_l1_is_killed_early_rerun_once_and_reported_with_its_vcpus() {
+    // Stopping the L1's heartbeat looks, from the host, exactly like an L1
+    // that froze whole.
+    let mut sc = scenario(
+        "freeze",
+        &format!(
+            "kill -STOP $(cat {}) && echo beat stopped; sleep 600",
+            harness::heartbeat::BEAT_PID_FILE
+        ),
+        280,
+    );
+    sc.freeze_limit = Duration::from_secs(10);
+    let out = harness::run(&sc).unwrap();
+    assert!(
+        matches!(out.status, Status::L1Frozen(s) if (10..20).contains(&s)),
+        "{}",
+        out.report()
+    );
+    assert_eq!(out.output, "beat stopped\n");
+    assert!(
+        out.workdir.join("output-attempt1.log").exists(),
+        "a frozen L1 is rerun once"
+    );
+    assert!(
+        out.timings.total < Duration::from_secs(150),
+        "{}",
+        out.report()
+    );
+    let vcpus = std::fs::read_to_string(out.workdir.join("l1-frozen-vcpus.log")).unwrap();
+    assert!(vcpus.contains("RIP="), "QEMU's monitor said: {vcpus}");
+}
+
+#[test]
 fn an_l1_panic_is_reported_with_the_console_tail() {
     let out = harness::run(&scenario(
         "panic",
