@@ -69,7 +69,9 @@ mk_tap() {
 }
 IPARG="ip=198.18.0.2::198.18.0.1:255.255.255.252::eth0:off"
 CMDLINE="console=ttyS0 reboot=k panic=1 pci=off quiet root=/dev/vda ro init=/init $IPARG"
-record() { sed -n 's/.*NETBENCH \([0-9.]*\) \([0-9.]*\) \([0-9.]*\).*/\1 \2 \3/p' "$1" | tail -1 >> "$2"; grep NETBENCH-ERROR "$1" || true; }
+# A run that has not ended after 120 s (a stalled download) is killed and
+# recorded as an error rather than holding the harness for its whole timeout.
+record() { grep -q 'NETBENCH [0-9]' "$1" || echo "NETBENCH-ERROR no result (killed after 120 s?) ($1)"; sed -n 's/.*NETBENCH \([0-9.]*\) \([0-9.]*\) \([0-9.]*\).*/\1 \2 \3/p' "$1" | tail -1 >> "$2"; grep NETBENCH-ERROR "$1" || true; }
 : > /tmp/ours; : > /tmp/fc
 cat > /tmp/fc.json <<JSON
 {"boot-source": {"kernel_image_path": "$ASSETS/vmlinux", "boot_args": "console=ttyS0 reboot=k panic=1 pci=off quiet init=/init $IPARG"},
@@ -79,13 +81,13 @@ cat > /tmp/fc.json <<JSON
 JSON
 for i in $(seq 1 "$RUNS"); do
   mk_tap
-  vmm --kernel "$ASSETS/vmlinux" --cmdline "$CMDLINE" --memory-mib 128 --vcpus 1 \
+  timeout 120 vmm --kernel "$ASSETS/vmlinux" --cmdline "$CMDLINE" --memory-mib 128 --vcpus 1 \
       --drive "path=$ASSETS/rootfs.ext4,ro" --net tap=kdlb,mac=02:6b:64:00:00:00 \
       --serial stdout > /tmp/ours.out 2> /tmp/ours.err
   record /tmp/ours.out /tmp/ours
   if command -v firecracker > /dev/null; then
     mk_tap
-    firecracker --no-api --config-file /tmp/fc.json > /tmp/fc.out 2>&1
+    timeout 120 firecracker --no-api --config-file /tmp/fc.json > /tmp/fc.out 2>&1
     record /tmp/fc.out /tmp/fc
   fi
 done
