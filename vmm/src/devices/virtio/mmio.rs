@@ -31,6 +31,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::{
     DeviceError, FIRST_BACKEND_TOKEN, Interrupt, QueueContext, VIRTIO_F_VERSION_1, VirtioDevice,
+    apply_ring_features,
 };
 use crate::devices::bus::BusDevice;
 use crate::event_loop::{EventHandler, EventLoopError, Registrar};
@@ -235,6 +236,7 @@ impl MmioTransport {
             }
         }
         let features = self.driver_features;
+        apply_ring_features(&mut self.queues, features);
         let (device, mut ctx) = self.context();
         device.activate(features, &mut ctx)?;
         self.activated = true;

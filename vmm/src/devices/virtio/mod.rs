@@ -9,9 +9,10 @@
 //! never the VMM.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering, fence};
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -28,6 +29,12 @@ pub mod vsock;
 
 /// `VIRTIO_F_VERSION_1`: the device is a modern (virtio 1.x) device.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// `VIRTIO_RING_F_EVENT_IDX`: the driver says in `used_event` after which
+/// used buffer it wants an interrupt, the device in `avail_event` after
+/// which available buffer it wants a notification (virtio 1.2, 2.7.7 and
+/// 2.7.8). Offered by every device; applied to the queues by
+/// [`apply_ring_features`].
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 /// Interrupt status bit: a used ring was updated.
 pub const INTERRUPT_VRING: u32 = 1;
 /// Interrupt status bit: the configuration (or device status) changed.
@@ -189,6 +196,18 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     data[..len].copy_from_slice(&config[start..start + len]);
 }
 
+/// Applies the ring features the driver acked to a device's queues when it
+/// activates: with [`VIRTIO_RING_F_EVENT_IDX`] the queues honour
+/// `used_event` when deciding on interrupts and the device publishes
+/// `avail_event` (see [`QueueCursor::enable_kicks`]). Without it nothing
+/// changes: every used batch interrupts, every available chain kicks.
+pub fn apply_ring_features(queues: &mut [Queue], acked_features: u64) {
+    let event_idx = acked_features & VIRTIO_RING_F_EVENT_IDX != 0;
+    for queue in queues {
+        queue.set_event_idx(event_idx);
+    }
+}
+
 /// A descriptor chain borrowed from guest memory.
 pub type Chain<'a> = DescriptorChain<&'a GuestMemory>;
 
@@ -238,6 +257,13 @@ where
 /// first chain `handle` defers is put back (it will be the first one of
 /// the next pass) and the pass ends there. Used where the device waits
 /// for its backend (RX) or a rate limiter.
+///
+/// A pass that empties the available ring asks the driver to notify the
+/// next chain it posts, and goes on if chains arrived meanwhile (see
+/// [`QueueCursor::drain`]). A deferred pass leaves notifications as they
+/// are: whatever it waits for (a backend fd, a limiter's timer) drives the
+/// queue again, and a kick for every chain posted meanwhile would only be
+/// an exit for nothing.
 pub fn process_queue_until_deferred<F>(
     ctx: &mut QueueContext<'_>,
     index: usize,
@@ -247,20 +273,34 @@ where
     F: FnMut(&GuestMemory, Chain<'_>) -> ChainOutcome,
 {
     let mut cursor = QueueCursor::new(ctx, index)?;
-    let mut deferred = false;
+    let deferred = cursor.drain(
+        |cursor| serve_until_deferred(cursor, &mut handle),
+        |deferred| !deferred,
+    )?;
+    let served = cursor.finish()?;
+    Ok(QueuePass { served, deferred })
+}
+
+/// One pass of [`process_queue_until_deferred`]: serves chains until the
+/// ring is empty (false) or `handle` defers one (true).
+fn serve_until_deferred<F>(
+    cursor: &mut QueueCursor<'_, '_>,
+    handle: &mut F,
+) -> Result<bool, DeviceError>
+where
+    F: FnMut(&GuestMemory, Chain<'_>) -> ChainOutcome,
+{
     while let Some(chain) = cursor.pop()? {
         let head = chain.head_index();
         match handle(cursor.mem, chain) {
             ChainOutcome::Used(written) => cursor.add_used(head, written)?,
             ChainOutcome::Deferred => {
                 cursor.put_back(1);
-                deferred = true;
-                break;
+                return Ok(true);
             }
         }
     }
-    let served = cursor.finish()?;
-    Ok(QueuePass { served, deferred })
+    Ok(false)
 }
 
 /// One queue of a [`QueueContext`], driven chain by chain, for devices
@@ -268,6 +308,17 @@ where
 /// mergeable RX buffers). A bad available index or head index is a driver
 /// error for the whole queue ([`DeviceError::Queue`]); [`Self::finish`]
 /// raises the interrupt if chains were used and the driver wants one.
+///
+/// Notification suppression with [`VIRTIO_RING_F_EVENT_IDX`]: the driver
+/// notifies (kicks) only when it makes available the chain whose index the
+/// device put in `avail_event`. Once it has kicked, further chains kick no
+/// more until the device moves `avail_event` forward, so a device draining
+/// a queue is not interrupted by kicks it would find nothing new in (this
+/// is the "disabled" state: virtio-queue's `disable_notification` writes
+/// nothing with EVENT_IDX either). When the device runs out of chains it
+/// must move `avail_event` to the first chain not yet posted
+/// ([`Self::enable_kicks`]) and look once more, or a chain posted in
+/// between is never kicked for: [`Self::drain`] does both.
 pub struct QueueCursor<'c, 'm> {
     index: usize,
     /// Guest memory.
@@ -275,6 +326,10 @@ pub struct QueueCursor<'c, 'm> {
     queue: &'c mut Queue,
     interrupt: &'c Interrupt,
     used: usize,
+    /// The driver's available index when [`Self::pop`] last found no
+    /// chain: the next chain it posts is the one to be kicked for, even if
+    /// chains before it were put back.
+    ring_end: Option<u16>,
 }
 
 impl<'c, 'm> QueueCursor<'c, 'm> {
@@ -290,6 +345,7 @@ impl<'c, 'm> QueueCursor<'c, 'm> {
             queue,
             interrupt: ctx.interrupt,
             used: 0,
+            ring_end: None,
         })
     }
 
@@ -301,11 +357,15 @@ impl<'c, 'm> QueueCursor<'c, 'm> {
     /// The next available chain, if any.
     pub fn pop(&mut self) -> Result<Option<Chain<'m>>, DeviceError> {
         let mem = self.mem;
-        Ok(self
+        let chain = self
             .queue
             .iter(mem)
             .map_err(|e| queue_error(self.index, e))?
-            .next())
+            .next();
+        if chain.is_none() {
+            self.ring_end = Some(self.queue.next_avail());
+        }
+        Ok(chain)
     }
 
     /// Makes the last `count` chains popped (and not used) available again.
@@ -323,7 +383,75 @@ impl<'c, 'm> QueueCursor<'c, 'm> {
         Ok(())
     }
 
-    /// Raises the interrupt if chains were used; returns how many.
+    /// Runs `pass` over the queue; if `out_of_chains` says it stopped
+    /// because the driver had posted no (or not enough) chains, asks for a
+    /// kick at the driver's next chain and runs `pass` again if chains
+    /// arrived in between. Returns what the last pass returned.
+    ///
+    /// Without [`VIRTIO_RING_F_EVENT_IDX`] this is one pass: the driver
+    /// kicks for every chain, so nothing posted meanwhile goes unnoticed.
+    pub fn drain<T>(
+        &mut self,
+        mut pass: impl FnMut(&mut Self) -> Result<T, DeviceError>,
+        out_of_chains: impl Fn(&T) -> bool,
+    ) -> Result<T, DeviceError> {
+        loop {
+            let outcome = pass(self)?;
+            if !out_of_chains(&outcome) || !self.enable_kicks()? {
+                return Ok(outcome);
+            }
+        }
+    }
+
+    /// With [`VIRTIO_RING_F_EVENT_IDX`]: asks the driver to kick when it
+    /// posts a chain after those [`Self::pop`] last saw (`avail_event` =
+    /// the available index then), and returns whether it has already
+    /// posted one, in which case it may not kick for it and the caller
+    /// must look again. Without EVENT_IDX: does nothing, returns false.
+    ///
+    /// Not virtio-queue's `enable_notification`: that one asks for a kick
+    /// at the next chain *to be served*, which for a device that put chains
+    /// back (mergeable RX waiting for more buffers) is a chain the driver
+    /// already posted: it would never kick, and the re-check would report
+    /// new chains forever.
+    pub fn enable_kicks(&mut self) -> Result<bool, DeviceError> {
+        if !self.queue.event_idx_enabled() {
+            return Ok(false);
+        }
+        let end = self.ring_end.unwrap_or_else(|| self.queue.next_avail());
+        self.set_avail_event(end)?;
+        // The driver publishes its available index, then (after a full
+        // barrier) reads avail_event to decide whether to kick; we publish
+        // avail_event, then read its index. The full fence between our two
+        // accesses means at least one side sees the other's store: either
+        // the driver sees the new avail_event and kicks, or we see its new
+        // index here.
+        fence(Ordering::SeqCst);
+        let idx = self
+            .queue
+            .avail_idx(self.mem, Ordering::Acquire)
+            .map_err(|e| queue_error(self.index, e))?;
+        Ok(idx.0 != end)
+    }
+
+    /// Writes `avail_event`: the u16 after the used ring's entries.
+    fn set_avail_event(&self, value: u16) -> Result<(), DeviceError> {
+        let offset = 4 + 8 * u64::from(self.queue.size());
+        let addr = GuestAddress(self.queue.used_ring())
+            .checked_add(offset)
+            .ok_or_else(|| queue_error(self.index, "avail_event address overflows"))?;
+        self.mem
+            .store(value.to_le(), addr, Ordering::Relaxed)
+            .map_err(|e| queue_error(self.index, format!("avail_event: {e}")))
+    }
+
+    /// Raises the interrupt if chains were used and the driver wants one;
+    /// returns how many were used. With [`VIRTIO_RING_F_EVENT_IDX`] the
+    /// driver wants one only if this batch took the used index past its
+    /// `used_event` (virtio-queue's `needs_notification`, with wrapping
+    /// u16 arithmetic and a full fence after the used index was written);
+    /// without it, always (the `VRING_AVAIL_F_NO_INTERRUPT` hint is not
+    /// honoured, as before).
     pub fn finish(self) -> Result<usize, DeviceError> {
         if self.used > 0
             && self

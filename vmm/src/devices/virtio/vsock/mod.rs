@@ -21,7 +21,8 @@ use vmm_sys_util::epoll::EventSet;
 use self::muxer::{Muxer, MuxerError};
 use self::packet::{HEADER_SIZE, Header, MAX_PACKET_DATA};
 use super::{
-    ChainOutcome, DeviceError, QueueContext, VIRTIO_F_VERSION_1, VirtioDevice, read_config_bytes,
+    ChainOutcome, DeviceError, QueueContext, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VirtioDevice, read_config_bytes,
 };
 use crate::event_loop::Registrar;
 use crate::memory::GuestMemory;
@@ -162,7 +163,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
+        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
