@@ -478,6 +478,7 @@ pub type SharedInterrupt = Arc<Interrupt>;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::testing::{ChainBuilder, Rig, TestQueue};
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     #[test]
@@ -494,7 +495,6 @@ mod tests {
 
     #[test]
     fn a_deferred_chain_stays_available_for_the_next_pass() {
-        use crate::devices::virtio::testing::{ChainBuilder, TestQueue};
         let q = TestQueue::new();
         let mock = q.mock();
         let mut queues = vec![q.queue()];
@@ -551,6 +551,228 @@ mod tests {
         assert_eq!(process_queue(&mut ctx, 0, |_, _| 0).unwrap(), 0);
         assert!(irq.read().is_ok(), "the second pass interrupted");
         assert!(irq.read().is_err(), "an empty pass interrupted");
+    }
+
+    /// Serves every available chain of queue 0 (0 bytes each).
+    fn serve_all(rig: &mut Rig<'_>) -> usize {
+        process_queue(&mut rig.ctx(), 0, |_, _| 0).unwrap()
+    }
+
+    #[test]
+    fn with_event_idx_interrupts_follow_used_event() {
+        let q = TestQueue::new();
+        let mut rig = Rig::new(&q);
+        rig.ack(VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX);
+        // used_event 0: the first batch (used 0 -> 2) passes it.
+        rig.offer_readable(0, 2, 16);
+        assert_eq!(serve_all(&mut rig), 2);
+        assert_eq!(rig.interrupts(), 1);
+        // The driver wants one once used entry 5 is written: 2 -> 3 and
+        // 3 -> 5 do not get there, 5 -> 7 does.
+        rig.set_used_event(5);
+        rig.offer_readable(2, 1, 16);
+        assert_eq!(serve_all(&mut rig), 1);
+        assert_eq!(rig.interrupts(), 0, "used 3 has not passed used_event 5");
+        rig.offer_readable(3, 2, 16);
+        assert_eq!(serve_all(&mut rig), 2);
+        assert_eq!(rig.interrupts(), 0, "used 5 has not passed used_event 5");
+        rig.offer_readable(5, 2, 16);
+        assert_eq!(serve_all(&mut rig), 2);
+        assert_eq!(rig.interrupts(), 1, "used 7 passed used_event 5");
+        // An empty pass never interrupts.
+        assert_eq!(serve_all(&mut rig), 0);
+        assert_eq!(rig.interrupts(), 0);
+    }
+
+    #[test]
+    fn with_event_idx_used_event_is_compared_in_wrapping_u16() {
+        let q = TestQueue::new();
+        let mut rig = Rig::new(&q);
+        rig.ack(VIRTIO_RING_F_EVENT_IDX);
+        // The used index about to wrap: 0xfffe -> 0x0000 passes 0xffff.
+        rig.queues[0].set_next_used(0xfffe);
+        rig.set_used_event(0xffff);
+        rig.offer_readable(0, 2, 16);
+        assert_eq!(serve_all(&mut rig), 2);
+        assert_eq!(rig.interrupts(), 1);
+        // 0x0000 -> 0x0001 does not pass 0xffff again.
+        rig.offer_readable(2, 1, 16);
+        assert_eq!(serve_all(&mut rig), 1);
+        assert_eq!(rig.interrupts(), 0);
+    }
+
+    #[test]
+    fn without_event_idx_every_used_batch_interrupts_and_rings_are_untouched() {
+        let q = TestQueue::new();
+        let mut rig = Rig::new(&q);
+        rig.ack(VIRTIO_F_VERSION_1);
+        rig.set_used_event(100);
+        for first in [0, 2, 4] {
+            rig.offer_readable(first, 2, 16);
+            assert_eq!(serve_all(&mut rig), 2);
+            assert_eq!(rig.interrupts(), 1, "used_event is not ours to read");
+        }
+        // Neither avail_event nor the used flags were written: the driver
+        // kicks for every chain, as before.
+        assert_eq!(rig.avail_event(), 0);
+        assert_eq!(rig.used_flags(), 0);
+        let old = rig.avail_idx();
+        rig.offer_readable(6, 1, 16);
+        assert!(rig.driver_kicks(old, false));
+    }
+
+    #[test]
+    fn with_event_idx_a_drained_queue_asks_for_a_kick_at_the_next_chain() {
+        let q = TestQueue::new();
+        let mut rig = Rig::new(&q);
+        rig.ack(VIRTIO_RING_F_EVENT_IDX);
+        rig.offer_readable(0, 3, 16);
+        assert_eq!(serve_all(&mut rig), 3);
+        assert_eq!(rig.avail_event(), 3);
+        // The driver's next chain kicks; the one after it (posted before
+        // the device looked again) does not: the device will see both.
+        rig.offer_readable(3, 1, 16);
+        assert!(rig.driver_kicks(3, true));
+        rig.offer_readable(4, 1, 16);
+        assert!(!rig.driver_kicks(4, true));
+        assert_eq!(serve_all(&mut rig), 2);
+        assert_eq!(rig.avail_event(), 5);
+    }
+
+    /// Drains queue 0 with a pass that serves every chain and, the first
+    /// time it finds the ring empty, has the driver post one more chain
+    /// (as a driver on another vCPU would, between the device's last look
+    /// and its re-enabling of kicks). Returns the passes run and the
+    /// chains served.
+    fn drain_racing_the_driver(rig: &mut Rig<'_>) -> (usize, usize) {
+        let mock = &rig.mock;
+        let mut passes = 0;
+        let mut ctx = QueueContext {
+            mem: rig.mem,
+            queues: &mut rig.queues,
+            interrupt: &rig.interrupt,
+            registrar: &rig.registrar,
+        };
+        let mut cursor = QueueCursor::new(&mut ctx, 0).unwrap();
+        cursor
+            .drain(
+                |cursor| {
+                    while let Some(chain) = cursor.pop()? {
+                        cursor.add_used(chain.head_index(), 0)?;
+                    }
+                    passes += 1;
+                    if passes == 1 {
+                        let chain = ChainBuilder::new().readable(0x10_0000, 16);
+                        mock.add_desc_chains(&chain.descriptors_at(1), 1).unwrap();
+                    }
+                    Ok(())
+                },
+                |_| true,
+            )
+            .unwrap();
+        (passes, cursor.finish().unwrap())
+    }
+
+    #[test]
+    fn with_event_idx_chains_posted_before_kicks_are_enabled_get_another_pass() {
+        let q = TestQueue::new();
+        let mut rig = Rig::new(&q);
+        rig.ack(VIRTIO_RING_F_EVENT_IDX);
+        rig.offer_readable(0, 1, 16);
+        // The chain posted after the device's last look would not kick
+        // (avail_event was still 0), so the device must find it itself.
+        assert_eq!(drain_racing_the_driver(&mut rig), (2, 2));
+        assert_eq!(rig.avail_event(), 2);
+        assert_eq!(rig.interrupts(), 1);
+    }
+
+    #[test]
+    fn without_event_idx_one_pass_and_the_late_chain_is_left_to_its_kick() {
+        let q = TestQueue::new();
+        let mut rig = Rig::new(&q);
+        rig.offer_readable(0, 1, 16);
+        assert_eq!(drain_racing_the_driver(&mut rig), (1, 1));
+        assert_eq!(rig.avail_event(), 0);
+        assert!(rig.driver_kicks(1, false));
+        assert_eq!(serve_all(&mut rig), 1);
+    }
+
+    #[test]
+    fn with_event_idx_a_deferred_pass_leaves_kicks_alone_until_drained() {
+        let q = TestQueue::new();
+        let mut rig = Rig::new(&q);
+        rig.ack(VIRTIO_RING_F_EVENT_IDX);
+        rig.offer_readable(0, 3, 16);
+        let mut budget = 1;
+        let pass = process_queue_until_deferred(&mut rig.ctx(), 0, |_, _| {
+            if budget == 0 {
+                return ChainOutcome::Deferred;
+            }
+            budget -= 1;
+            ChainOutcome::Used(0)
+        })
+        .unwrap();
+        assert_eq!(
+            pass,
+            QueuePass {
+                served: 1,
+                deferred: true
+            }
+        );
+        // What the device waits for (its backend, a timer) drives the
+        // queue again: chains the driver posts meanwhile need not kick.
+        assert_eq!(rig.avail_event(), 0);
+        rig.offer_readable(3, 1, 16);
+        assert!(!rig.driver_kicks(3, true));
+        // Once drained, the next chain kicks again.
+        assert_eq!(serve_all(&mut rig), 3);
+        assert_eq!(rig.avail_event(), 4);
+        rig.offer_readable(4, 1, 16);
+        assert!(rig.driver_kicks(4, true));
+    }
+
+    #[test]
+    fn with_event_idx_chains_put_back_for_want_of_more_ask_for_a_kick_at_the_next() {
+        let q = TestQueue::new();
+        let mut rig = Rig::new(&q);
+        rig.ack(VIRTIO_RING_F_EVENT_IDX);
+        rig.offer_readable(0, 2, 16);
+        // A device that needs three chains at once takes two, finds no
+        // third, and puts both back (mergeable RX buffers).
+        let mut ctx = rig.ctx();
+        let mut cursor = QueueCursor::new(&mut ctx, 0).unwrap();
+        let mut wants_more = true;
+        let more = cursor
+            .drain(
+                |cursor| {
+                    let mut taken = 0;
+                    while taken < 3 && cursor.pop()?.is_some() {
+                        taken += 1;
+                    }
+                    cursor.put_back(taken);
+                    wants_more = taken < 3;
+                    Ok(wants_more)
+                },
+                |wants_more| *wants_more,
+            )
+            .unwrap();
+        assert!(more);
+        assert_eq!(cursor.finish().unwrap(), 0);
+        // avail_event is the driver's index (2), not the first chain put
+        // back (0, already posted: it would never kick).
+        assert_eq!(rig.avail_event(), 2);
+        rig.offer_readable(2, 1, 16);
+        assert!(rig.driver_kicks(2, true));
+    }
+
+    #[test]
+    fn ring_features_reach_every_queue() {
+        let q = TestQueue::new();
+        let mut queues = vec![q.queue(), q.queue()];
+        apply_ring_features(&mut queues, VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX);
+        assert!(queues.iter().all(|q| q.event_idx_enabled()));
+        apply_ring_features(&mut queues, VIRTIO_F_VERSION_1);
+        assert!(queues.iter().all(|q| !q.event_idx_enabled()));
     }
 
     #[test]

@@ -229,7 +229,9 @@ impl<'a> Rig<'a> {
     /// index passes `value`.
     pub fn set_used_event(&self, value: u16) {
         let addr = self.mock.avail_addr().0 + 4 + 2 * u64::from(TEST_QUEUE_SIZE);
-        self.mem.write_obj(value.to_le(), GuestAddress(addr)).unwrap();
+        self.mem
+            .write_obj(value.to_le(), GuestAddress(addr))
+            .unwrap();
     }
 
     /// The device's `avail_event`.
@@ -257,7 +259,11 @@ impl<'a> Rig<'a> {
     }
 
     /// Processes queue `queue` of `device` as after a kick.
-    pub fn notify(&mut self, device: &mut dyn VirtioDevice, queue: usize) -> Result<(), DeviceError> {
+    pub fn notify(
+        &mut self,
+        device: &mut dyn VirtioDevice,
+        queue: usize,
+    ) -> Result<(), DeviceError> {
         device.queue_notified(queue, &mut self.ctx())
     }
 }
