@@ -554,6 +554,7 @@ mod tests {
     #[test]
     fn config_space_reports_capacity() {
         let (blk, path) = image(8, false);
+        assert_ne!(blk.features() & VIRTIO_RING_F_EVENT_IDX, 0);
         let mut capacity = [0u8; 8];
         blk.read_config(0, &mut capacity);
         assert_eq!(u64::from_le_bytes(capacity), 8);

@@ -417,7 +417,7 @@ mod tests {
             vec![16, 8]
         }
         fn features(&self) -> u64 {
-            VIRTIO_F_VERSION_1 | 1
+            VIRTIO_F_VERSION_1 | super::super::VIRTIO_RING_F_EVENT_IDX | 1
         }
         fn read_config(&self, offset: u64, data: &mut [u8]) {
             super::super::read_config_bytes(&[0xaa, 0xbb], offset, data);
@@ -532,6 +532,27 @@ mod tests {
         write32(t, 0x30, 0);
         write32(t, 0x44, 0);
         assert_eq!(read32(t, 0x44), 1);
+    }
+
+    #[test]
+    fn acked_event_idx_reaches_the_queues_until_reset() {
+        let event_idx = super::super::VIRTIO_RING_F_EVENT_IDX as u32;
+        let mut f = fixture();
+        let t = &mut f.transport;
+        let activate = |t: &mut MmioTransport, low: u32| {
+            write32(t, 0x24, 0);
+            write32(t, 0x20, low);
+            negotiate(t, 1);
+            setup_queue(t, 0, 0x10000);
+            write32(t, 0x70, 0xf);
+            assert!(t.is_activated());
+        };
+        activate(t, event_idx);
+        assert!(t.queues.iter().all(|q| q.event_idx_enabled()));
+        write32(t, 0x70, 0);
+        assert!(t.queues.iter().all(|q| !q.event_idx_enabled()));
+        activate(t, 0);
+        assert!(t.queues.iter().all(|q| !q.event_idx_enabled()));
     }
 
     #[test]

@@ -107,6 +107,11 @@ mod tests {
     use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
     #[test]
+    fn event_idx_is_offered() {
+        assert_ne!(Rng::new().features() & VIRTIO_RING_F_EVENT_IDX, 0);
+    }
+
+    #[test]
     fn fills_writable_buffers_only() {
         let q = TestQueue::new();
         let mut rng = Rng::new();
