@@ -170,13 +170,20 @@ fn emulator_fault(status: &Status, console: &Path) -> Option<&'static str> {
     }
 }
 
-/// An L1 kernel panic on an interrupt delivered inside
+/// An L1 kernel panic on an interrupt or exception taken inside KVM's SVM
+/// world switch, in one of its two shapes: an interrupt delivered inside
 /// `svm_vcpu_enter_exit`, where the global interrupt flag is clear and no
-/// interrupt may arrive on real hardware.
+/// interrupt may arrive on real hardware; or, in a VMM's vCPU thread, a
+/// page fault whose handler faults again on its very first per-CPU (GS)
+/// access until it runs off its stack (the GS base was still the L2's:
+/// the same window), which dies before printing a call trace.
 fn is_world_switch_panic(console: &str) -> bool {
-    console.contains("Kernel panic")
-        && console.contains("svm_vcpu_enter_exit")
-        && console.contains("asm_sysvec_")
+    let interrupt_in_switch =
+        console.contains("svm_vcpu_enter_exit") && console.contains("asm_sysvec_");
+    let recursive_gs_fault = console.contains("stack guard page was hit")
+        && console.contains("RIP: 0010:exc_page_fault+")
+        && console.contains("Comm: vcpu");
+    console.contains("Kernel panic") && (interrupt_in_switch || recursive_gs_fault)
 }
 
 fn nonce() -> String {
@@ -276,6 +283,21 @@ mod tests {
         )
         .unwrap();
         assert!(emulator_fault(&Status::L1Panic, &console).is_some());
+        // Its other shape: a page fault in a vCPU thread recursing on the
+        // L2's GS base until the stack guard page (CI, session 4).
+        let recursive = "BUG: TASK stack guard page was hit at 000000007df6fc71\n\
+             CPU: 0 PID: 143 Comm: vcpu0 Not tainted 6.1.0-56-cloud-amd64 #1\n\
+             RIP: 0010:exc_page_fault+0x15/0x170\n\
+             Kernel panic - not syncing: corrupted stack end detected inside scheduler\n";
+        std::fs::write(&console, recursive).unwrap();
+        assert!(emulator_fault(&Status::L1Panic, &console).is_some());
+        // The same overflow in any other thread is not that window.
+        std::fs::write(
+            &console,
+            recursive.replace("Comm: vcpu0", "Comm: host-agent"),
+        )
+        .unwrap();
+        assert!(emulator_fault(&Status::L1Panic, &console).is_none());
         // The L1 kernel's own soft lockup (softlockup_panic=1).
         std::fs::write(
             &console,

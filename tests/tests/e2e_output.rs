@@ -28,6 +28,10 @@ use std::time::Duration;
 use harness::assets::kernel_and_minimal_image;
 use harness::{Asset, Scenario, Status, workspace_binary};
 
+/// How many times a run that ended in the L2's emulator triple fault is
+/// repeated (each says so on stderr with its report).
+const TRIPLE_FAULT_RETRIES: u32 = 2;
+
 /// MiB the job writes: 200 as the issue asks, or `$KINDLING_FLOOD_MIB`.
 ///
 /// 200 MiB also crosses the orchestrator's 128 MiB output cap, so the cut
@@ -39,9 +43,10 @@ use harness::{Asset, Scenario, Status, workspace_binary};
 /// KVM's SVM world switch panics the L1 kernel (seen twice, once in CI 10 s
 /// into the flood). Both are QEMU TCG's emulated SVM, not our VMM.
 /// Transparent huge pages off in the L1 made them rarer; the harness reruns
-/// the scenario once on that L1 panic, this test once on exactly the
-/// triple-fault signature, and a smaller `KINDLING_FLOOD_MIB` gives a quick
-/// local run.
+/// the scenario once on that L1 panic, this test up to
+/// `TRIPLE_FAULT_RETRIES` times on exactly the triple-fault signature (two
+/// in a row were seen once in session 4, each ~30 s into the flood), and a
+/// smaller `KINDLING_FLOOD_MIB` gives a quick local run.
 fn output_bytes() -> u64 {
     let mib = std::env::var("KINDLING_FLOOD_MIB")
         .ok()
@@ -200,10 +205,15 @@ fn an_output_flood_completes_with_bounded_memory_on_both_sides() {
         name: "job.yaml".into(),
     });
     let mut out = harness::run(&sc).unwrap();
-    if out.status != Status::Exited(0) && out.output.contains("triple fault (KVM_EXIT_SHUTDOWN)") {
+    for retry in 1..=TRIPLE_FAULT_RETRIES {
+        if out.status == Status::Exited(0)
+            || !out.output.contains("triple fault (KVM_EXIT_SHUTDOWN)")
+        {
+            break;
+        }
         eprintln!(
             "e2e_output: the guest triple-faulted under the flood (a known QEMU TCG nested-SVM \
-             fault, see output_bytes()); retrying once:\n{}",
+             fault, see output_bytes()); retry {retry} of {TRIPLE_FAULT_RETRIES}:\n{}",
             out.report()
         );
         out = harness::run(&sc).unwrap();
