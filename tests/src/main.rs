@@ -20,7 +20,7 @@ enum Cmd {
     /// Print what KVM this host offers and where scenarios would run.
     Detect,
     /// Run a scenario and exit with its exit code (124: timeout, 125: L1 failure).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -50,6 +50,11 @@ struct RunArgs {
     /// An extra L1 kernel module to load (repeatable).
     #[arg(long = "module")]
     modules: Vec<String>,
+    /// An extra argument for the L1 kernel's command line (repeatable);
+    /// later ones win, e.g. `transparent_hugepage=always` over the
+    /// harness's `never`.
+    #[arg(long = "l1-kernel-arg")]
+    l1_kernel_args: Vec<String>,
     /// Timeout for the whole run, in seconds.
     #[arg(long, default_value_t = 300)]
     timeout: u64,
@@ -79,7 +84,7 @@ fn main() -> ExitCode {
             println!("scenarios run: {}", host.preferred_mode());
             ExitCode::SUCCESS
         }
-        Cmd::Run(args) => run(args),
+        Cmd::Run(args) => run(*args),
     }
 }
 
@@ -110,6 +115,7 @@ fn run(args: RunArgs) -> ExitCode {
     sc.bins = args.bins;
     sc.assets = args.assets;
     sc.modules = args.modules;
+    sc.l1_kernel_args = args.l1_kernel_args;
     sc.timeout = Duration::from_secs(args.timeout);
     sc.l1_memory_mib = args.memory;
     sc.l1_cpus = args.cpus;
