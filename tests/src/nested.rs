@@ -351,8 +351,12 @@ fn l1_kernel_cmdline(sc: &Scenario) -> String {
     // (`softlockup_panic=1`) so that the run ends at once instead of at its
     // timeout (seen once in ~275 runs: both L1 CPUs spinning in
     // nf_conntrack's hashing inside a connect(2), for 10 minutes).
+    //
+    // No KASLR in the L1, so that the vCPU registers QEMU's monitor dumps
+    // for a frozen L1 map straight onto the L1 kernel's System.map.
     let mut cmdline = String::from(
-        "console=ttyS0 panic=-1 mitigations=off transparent_hugepage=never softlockup_panic=1",
+        "console=ttyS0 panic=-1 mitigations=off transparent_hugepage=never softlockup_panic=1 \
+         nokaslr",
     );
     for arg in &sc.l1_kernel_args {
         cmdline.push(' ');

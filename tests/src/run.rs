@@ -107,20 +107,19 @@ pub fn run(sc: &Scenario) -> Result<Outcome, HarnessError> {
             // panics on its first per-CPU access; the L1 kernel can
             // soft-lock (`softlockup_panic=1` makes that a panic); and the
             // whole L1 can freeze (its heartbeat stops, see `heartbeat`).
-            // Each time the scenario runs once more in a fresh L1, saying
-            // so; a second such end is reported as the failure.
-            if let Some(why) = emulator_fault(&r.status, &workdir.join("console.log")) {
-                let first = workdir.join("console-attempt1.log");
-                let _ = std::fs::rename(workdir.join("console.log"), &first);
-                let _ = std::fs::rename(
-                    workdir.join("output.log"),
-                    workdir.join("output-attempt1.log"),
-                );
+            // Each time the scenario runs again in a fresh L1, saying so,
+            // up to `L1_FAULT_RERUNS` times (a reset and then a freeze hit
+            // one CI run back to back); one more such end is the failure.
+            for attempt in 1..=L1_FAULT_RERUNS {
+                let Some(why) = emulator_fault(&r.status, &workdir.join("console.log")) else {
+                    break;
+                };
+                let kept = keep_attempt_logs(&workdir, attempt);
                 eprintln!(
-                    "harness: WARNING: {why} during '{}' (console kept in {}); \
-                     retrying once in a fresh L1",
+                    "harness: WARNING: {why} during '{}' (logs kept as {}); \
+                     rerun {attempt} of {L1_FAULT_RERUNS} in a fresh L1",
                     sc.name,
-                    first.display()
+                    kept.display()
                 );
                 r = nested::run(sc, &workdir, &nonce)?;
             }
@@ -141,6 +140,25 @@ pub fn run(sc: &Scenario) -> Result<Outcome, HarnessError> {
         timings,
         workdir,
     })
+}
+
+/// How many times a scenario whose L1 failed by itself (see
+/// [`emulator_fault`]) runs again in a fresh L1.
+pub const L1_FAULT_RERUNS: u32 = 2;
+
+/// Renames a finished attempt's logs (`console.log` to
+/// `console-attempt<N>.log`, likewise the output, heartbeat and frozen-vCPU
+/// logs) so the next attempt starts clean; returns the kept console's path.
+fn keep_attempt_logs(workdir: &Path, attempt: u32) -> PathBuf {
+    for stem in ["output", "heartbeat", "l1-frozen-vcpus"] {
+        let _ = std::fs::rename(
+            workdir.join(format!("{stem}.log")),
+            workdir.join(format!("{stem}-attempt{attempt}.log")),
+        );
+    }
+    let console = workdir.join(format!("console-attempt{attempt}.log"));
+    let _ = std::fs::rename(workdir.join("console.log"), &console);
+    console
 }
 
 /// Why an L1's end is a fault of the L1 itself (QEMU's emulation or the

@@ -45,7 +45,7 @@ fn a_hung_scenario_is_killed_and_reported() {
 }
 
 #[test]
-fn a_frozen_l1_is_killed_early_rerun_once_and_reported_with_its_vcpus() {
+fn a_frozen_l1_is_killed_early_rerun_and_reported_with_its_vcpus() {
     // Stopping the L1's heartbeat looks, from the host, exactly like an L1
     // that froze whole.
     let mut sc = scenario(
@@ -64,12 +64,14 @@ fn a_frozen_l1_is_killed_early_rerun_once_and_reported_with_its_vcpus() {
         out.report()
     );
     assert_eq!(out.output, "beat stopped\n");
+    for attempt in 1..=harness::run::L1_FAULT_RERUNS {
+        for log in ["console", "output", "heartbeat", "l1-frozen-vcpus"] {
+            let kept = out.workdir.join(format!("{log}-attempt{attempt}.log"));
+            assert!(kept.exists(), "a frozen L1 is rerun: no {}", kept.display());
+        }
+    }
     assert!(
-        out.workdir.join("output-attempt1.log").exists(),
-        "a frozen L1 is rerun once"
-    );
-    assert!(
-        out.timings.total < Duration::from_secs(150),
+        out.timings.total < Duration::from_secs(200),
         "{}",
         out.report()
     );
