@@ -43,7 +43,7 @@ const TRIPLE_FAULT_RETRIES: u32 = 2;
 /// KVM's SVM world switch panics the L1 kernel (seen twice, once in CI 10 s
 /// into the flood). Both are QEMU TCG's emulated SVM, not our VMM.
 /// Transparent huge pages off in the L1 made them rarer; the harness reruns
-/// the scenario once on that L1 panic, this test up to
+/// the scenario (up to twice) on that L1 panic, this test up to
 /// `TRIPLE_FAULT_RETRIES` times on exactly the triple-fault signature (two
 /// in a row were seen once in session 4, each ~30 s into the flood), and a
 /// smaller `KINDLING_FLOOD_MIB` gives a quick local run.
