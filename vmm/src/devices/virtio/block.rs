@@ -30,8 +30,8 @@ use virtio_queue::{Reader, Writer};
 use crate::memory::GuestMemory;
 
 use super::{
-    Chain, DeviceError, QueueContext, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VirtioDevice,
-    process_queue, read_config_bytes,
+    Chain, DeviceError, QueueContext, VIRTIO_F_VERSION_1, VirtioDevice, process_queue,
+    read_config_bytes,
 };
 
 /// Virtio device id of a block device.
@@ -303,10 +303,8 @@ impl VirtioDevice for Block {
     }
 
     fn features(&self) -> u64 {
-        let mut features = VIRTIO_F_VERSION_1
-            | VIRTIO_RING_F_EVENT_IDX
-            | (1 << VIRTIO_BLK_F_FLUSH)
-            | (1 << VIRTIO_BLK_F_SEG_MAX);
+        let mut features =
+            VIRTIO_F_VERSION_1 | (1 << VIRTIO_BLK_F_FLUSH) | (1 << VIRTIO_BLK_F_SEG_MAX);
         if self.read_only {
             features |= 1 << VIRTIO_BLK_F_RO;
         }
@@ -554,7 +552,6 @@ mod tests {
     #[test]
     fn config_space_reports_capacity() {
         let (blk, path) = image(8, false);
-        assert_ne!(blk.features() & VIRTIO_RING_F_EVENT_IDX, 0);
         let mut capacity = [0u8; 8];
         blk.read_config(0, &mut capacity);
         assert_eq!(u64::from_le_bytes(capacity), 8);

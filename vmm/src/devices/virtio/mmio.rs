@@ -30,8 +30,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::{
-    DeviceError, FIRST_BACKEND_TOKEN, Interrupt, QueueContext, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX, VirtioDevice, apply_ring_features,
+    DeviceError, FIRST_BACKEND_TOKEN, Interrupt, QueueContext, VIRTIO_F_VERSION_1, VirtioDevice,
 };
 use crate::devices::bus::BusDevice;
 use crate::event_loop::{EventHandler, EventLoopError, Registrar};
@@ -236,16 +235,6 @@ impl MmioTransport {
             }
         }
         let features = self.driver_features;
-        log::info!(
-            "virtio device {}: driver OK, features {features:#x} (event_idx {})",
-            self.device.device_type(),
-            if features & VIRTIO_RING_F_EVENT_IDX != 0 {
-                "on"
-            } else {
-                "off"
-            }
-        );
-        apply_ring_features(&mut self.queues, features);
         let (device, mut ctx) = self.context();
         device.activate(features, &mut ctx)?;
         self.activated = true;
@@ -426,7 +415,7 @@ mod tests {
             vec![16, 8]
         }
         fn features(&self) -> u64 {
-            VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | 1
+            VIRTIO_F_VERSION_1 | 1
         }
         fn read_config(&self, offset: u64, data: &mut [u8]) {
             super::super::read_config_bytes(&[0xaa, 0xbb], offset, data);
@@ -541,27 +530,6 @@ mod tests {
         write32(t, 0x30, 0);
         write32(t, 0x44, 0);
         assert_eq!(read32(t, 0x44), 1);
-    }
-
-    #[test]
-    fn acked_event_idx_reaches_the_queues_until_reset() {
-        let event_idx = VIRTIO_RING_F_EVENT_IDX as u32;
-        let mut f = fixture();
-        let t = &mut f.transport;
-        let activate = |t: &mut MmioTransport, low: u32| {
-            write32(t, 0x24, 0);
-            write32(t, 0x20, low);
-            negotiate(t, 1);
-            setup_queue(t, 0, 0x10000);
-            write32(t, 0x70, 0xf);
-            assert!(t.is_activated());
-        };
-        activate(t, event_idx);
-        assert!(t.queues.iter().all(|q| q.event_idx_enabled()));
-        write32(t, 0x70, 0);
-        assert!(t.queues.iter().all(|q| !q.event_idx_enabled()));
-        activate(t, 0);
-        assert!(t.queues.iter().all(|q| !q.event_idx_enabled()));
     }
 
     #[test]

@@ -8,10 +8,7 @@ use virtio_queue::Writer;
 
 use crate::memory::GuestMemory;
 
-use super::{
-    Chain, DeviceError, QueueContext, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VirtioDevice,
-    process_queue,
-};
+use super::{Chain, DeviceError, QueueContext, VIRTIO_F_VERSION_1, VirtioDevice, process_queue};
 
 /// Virtio device id of an entropy source.
 pub const VIRTIO_ID_RNG: u32 = 4;
@@ -81,7 +78,7 @@ impl VirtioDevice for Rng {
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX
+        VIRTIO_F_VERSION_1
     }
 
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
@@ -105,11 +102,6 @@ mod tests {
     use crate::event_loop::EventLoop;
     use vm_memory::{Bytes, GuestAddress};
     use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
-
-    #[test]
-    fn event_idx_is_offered() {
-        assert_ne!(Rng::new().features() & VIRTIO_RING_F_EVENT_IDX, 0);
-    }
 
     #[test]
     fn fills_writable_buffers_only() {

@@ -46,8 +46,7 @@ use self::header::{NET_HEADER_SIZE, OFFLOAD_FEATURES, Offloads, VIRTIO_NET_F_MRG
 use self::tap::FrameDevice;
 use super::{
     Chain, ChainOutcome, DeviceError, FIRST_BACKEND_TOKEN, QueueContext, QueueCursor,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VirtioDevice, process_queue_until_deferred,
-    read_config_bytes,
+    VIRTIO_F_VERSION_1, VirtioDevice, process_queue_until_deferred, read_config_bytes,
 };
 use crate::config::MacAddress;
 use crate::event_loop::Registrar;
@@ -275,33 +274,17 @@ impl Net {
     /// a frame could be delivered: not when the guest has no buffers (its
     /// next notification resumes RX) nor when throttled (the limiter's
     /// timer does).
-    ///
-    /// Only a stop for want of buffers asks the driver to kick when it
-    /// posts more (with EVENT_IDX, see [`QueueCursor::drain`]); while RX
-    /// waits for the tap or the limiter, buffers the driver posts are of
-    /// no use yet, and it need not exit to tell us.
     fn process_rx(&mut self, ctx: &mut QueueContext<'_>) -> Result<(), DeviceError> {
         let mut cursor = QueueCursor::new(ctx, RX_QUEUE)?;
-        let stop = cursor.drain(
-            |cursor| self.deliver_rx_frames(cursor),
-            |stop| *stop == RxStop::NoBuffers,
-        )?;
+        let stop = loop {
+            match self.deliver_rx_frame(&mut cursor)? {
+                RxStep::Delivered | RxStep::Dropped => {}
+                RxStep::Stop(stop) => break stop,
+            }
+        };
         cursor.finish()?;
         self.set_watch(ctx.registrar, stop == RxStop::NoFrame);
         Ok(())
-    }
-
-    /// Delivers (or drops) frames until one cannot be.
-    fn deliver_rx_frames(
-        &mut self,
-        cursor: &mut QueueCursor<'_, '_>,
-    ) -> Result<RxStop, DeviceError> {
-        loop {
-            match self.deliver_rx_frame(cursor)? {
-                RxStep::Delivered | RxStep::Dropped => {}
-                RxStep::Stop(stop) => return Ok(stop),
-            }
-        }
     }
 
     /// Delivers (or drops) the next frame. Chains are taken first (a frame
@@ -434,11 +417,7 @@ impl VirtioDevice for Net {
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
-            | VIRTIO_RING_F_EVENT_IDX
-            | VIRTIO_NET_F_MAC
-            | OFFLOAD_FEATURES
-            | VIRTIO_NET_F_MRG_RXBUF
+        VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MAC | OFFLOAD_FEATURES | VIRTIO_NET_F_MRG_RXBUF
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -539,11 +518,16 @@ impl FrameDevice for SocketFrames {
 mod tests {
     use super::header::{VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_HOST_TSO4};
     use super::*;
-    use crate::devices::virtio::testing::{ChainBuilder, Rig, TestQueue};
+    use crate::devices::virtio::Interrupt;
+    use crate::devices::virtio::testing::{ChainBuilder, TestQueue};
+    use crate::event_loop::EventLoop;
     use std::os::unix::net::UnixDatagram;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU32, Ordering};
+    use virtio_queue::Queue;
+    use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
     const NEEDS_CSUM: u8 = 1;
     const DATA_VALID: u8 = 2;
@@ -598,6 +582,81 @@ mod tests {
         let mut p = vec![flags, gso_type, 54, 0, 0xa8, 0x05, 34, 0, 16, 0, 0xee, 0xee];
         p.extend_from_slice(frame);
         p
+    }
+
+    /// The device side of a queue pair in test memory (both queues on the
+    /// same rings: a test uses one of them), the driver side (`mock`, made
+    /// once: making one resets the rings) and what a device needs around
+    /// them.
+    struct Rig<'a> {
+        mem: &'a GuestMemory,
+        mock: MockSplitQueue<'a, GuestMemory>,
+        queues: Vec<Queue>,
+        interrupt: Interrupt,
+        registrar: Registrar,
+        _event_loop: EventLoop,
+    }
+
+    impl<'a> Rig<'a> {
+        fn new(q: &'a TestQueue) -> Self {
+            let queues = vec![q.queue(), q.queue()];
+            let mut event_loop = EventLoop::new().unwrap();
+            Self {
+                mem: &q.mem,
+                mock: q.mock(),
+                queues,
+                interrupt: Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()),
+                registrar: event_loop.registrar(),
+                _event_loop: event_loop,
+            }
+        }
+
+        fn ctx(&mut self) -> QueueContext<'_> {
+            QueueContext {
+                mem: self.mem,
+                queues: &mut self.queues,
+                interrupt: &self.interrupt,
+                registrar: &self.registrar,
+            }
+        }
+
+        fn activate(&mut self, net: &mut Net, features: u64) {
+            net.activate(features, &mut self.ctx()).unwrap();
+        }
+
+        /// Makes `chain` available at descriptor `first`.
+        fn offer(&self, chain: &ChainBuilder, first: u16) {
+            self.mock
+                .add_desc_chains(&chain.descriptors_at(first), first)
+                .unwrap();
+        }
+
+        /// Offers `count` one-descriptor buffers of `size` bytes, the first
+        /// at descriptor (and 64 KiB address slot) `first`.
+        fn offer_buffers(&self, first: u16, count: u16, size: u32) {
+            for i in first..first + count {
+                let addr = 0x10_0000 + u64::from(i) * 0x1_0000;
+                self.offer(&ChainBuilder::new().writable(addr, size), i);
+            }
+        }
+
+        /// `len` bytes of guest memory at `addr`.
+        fn read(&self, addr: u64, len: usize) -> Vec<u8> {
+            let mut buf = vec![0u8; len];
+            self.mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+            buf
+        }
+
+        /// The used ring entries from `from` on: (head, length).
+        fn used(&self, from: u16) -> Vec<(u32, u32)> {
+            let used = self.mock.used();
+            (from..used.idx().load())
+                .map(|i| {
+                    let e = used.ring().ref_at(usize::from(i)).unwrap().load();
+                    (e.id(), e.len())
+                })
+                .collect()
+        }
     }
 
     #[test]
@@ -928,91 +987,6 @@ mod tests {
         let mut buf = [0u8; 32];
         assert_eq!(host.recv(&mut buf).unwrap(), 17);
         assert_eq!(host.recv(&mut buf).unwrap(), 17);
-    }
-
-    #[test]
-    fn event_idx_is_offered() {
-        let (net, _, _) = device();
-        assert_ne!(net.features() & VIRTIO_RING_F_EVENT_IDX, 0);
-    }
-
-    #[test]
-    fn with_event_idx_a_throttled_tx_waits_for_its_timer_not_for_kicks() {
-        let (net, host, _) = device();
-        let mut net = net.with_limits(RateLimit::default(), ONE_FRAME).unwrap();
-        let q = TestQueue::new();
-        let mut rig = Rig::new(&q);
-        q.mem
-            .write_slice(&[0; 17], GuestAddress(0x10_0000))
-            .unwrap();
-        let chain = ChainBuilder::new().readable(0x10_0000, 17);
-        rig.offer(&chain, 0);
-        rig.offer(&chain, 1);
-        rig.activate(&mut net, ALL | VIRTIO_RING_F_EVENT_IDX);
-        net.queue_notified(TX_QUEUE, &mut rig.ctx()).unwrap();
-        assert_eq!(net.counters().tx_frames, 1);
-        // Throttled: the timer drives TX again, chains posted meanwhile
-        // need not kick.
-        assert_eq!(rig.avail_event(), 0);
-        rig.offer(&chain, 2);
-        assert!(!rig.driver_kicks(2, true));
-        fire_timer(&mut net, &mut rig, TX_TIMER_TOKEN);
-        fire_timer(&mut net, &mut rig, TX_TIMER_TOKEN);
-        assert_eq!(net.counters().tx_frames, 3, "{:?}", net.counters());
-        // Drained: the next chain kicks.
-        assert_eq!(rig.avail_event(), 3);
-        rig.offer(&chain, 3);
-        assert!(rig.driver_kicks(3, true));
-        let mut buf = [0u8; 32];
-        for _ in 0..3 {
-            assert_eq!(host.recv(&mut buf).unwrap(), 17);
-        }
-    }
-
-    #[test]
-    fn with_event_idx_rx_asks_for_kicks_only_when_it_needs_buffers() {
-        let q = TestQueue::new();
-        let (mut net, host, mut rig) = active(&q, MERGEABLE | VIRTIO_RING_F_EVENT_IDX);
-        // Buffers but no frame: RX waits for the tap, not for the driver.
-        rig.offer_buffers(0, 2, 4096);
-        net.queue_notified(RX_QUEUE, &mut rig.ctx()).unwrap();
-        assert!(net.watching_tap);
-        assert_eq!(rig.avail_event(), 0);
-        assert!(!rig.driver_kicks(1, true), "a refill need not kick");
-        // A frame needing three buffers: both are put back and the
-        // driver's next buffer (index 2) must kick.
-        host.send(&packet(0, 0, &[3; 10_000])).unwrap();
-        net.backend_event(TAP_TOKEN, EventSet::IN, &mut rig.ctx())
-            .unwrap();
-        assert_eq!(rig.used(0), []);
-        assert!(!net.watching_tap);
-        assert_eq!(rig.avail_event(), 2);
-        assert_eq!(rig.interrupts(), 0);
-        rig.offer_buffers(2, 1, 4096);
-        assert!(rig.driver_kicks(2, true));
-        net.queue_notified(RX_QUEUE, &mut rig.ctx()).unwrap();
-        assert_eq!(rig.used(0), [(0, 4096), (1, 4096), (2, 1820)]);
-        assert_eq!(rig.interrupts(), 1);
-        // The frame took every buffer: the next one kicks, and the tap is
-        // watched only once there is one.
-        assert_eq!(rig.avail_event(), 3);
-        assert!(!net.watching_tap);
-    }
-
-    #[test]
-    fn with_event_idx_rx_interrupts_follow_used_event() {
-        let q = TestQueue::new();
-        let (mut net, host, mut rig) = active(&q, ALL | VIRTIO_RING_F_EVENT_IDX);
-        rig.offer_buffers(0, 4, 2048);
-        // The driver wants an interrupt after used entry 2 only.
-        rig.set_used_event(2);
-        for expected in [0, 0, 1, 0] {
-            host.send(&packet(0, 0, b"frame")).unwrap();
-            net.backend_event(TAP_TOKEN, EventSet::IN, &mut rig.ctx())
-                .unwrap();
-            assert_eq!(rig.interrupts(), expected);
-        }
-        assert_eq!(net.counters().rx_frames, 4);
     }
 
     #[test]

@@ -21,8 +21,7 @@ use vmm_sys_util::epoll::EventSet;
 use self::muxer::{Muxer, MuxerError};
 use self::packet::{HEADER_SIZE, Header, MAX_PACKET_DATA};
 use super::{
-    ChainOutcome, DeviceError, QueueContext, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
-    VirtioDevice, read_config_bytes,
+    ChainOutcome, DeviceError, QueueContext, VIRTIO_F_VERSION_1, VirtioDevice, read_config_bytes,
 };
 use crate::event_loop::Registrar;
 use crate::memory::GuestMemory;
@@ -163,7 +162,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX
+        VIRTIO_F_VERSION_1
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -202,101 +201,5 @@ impl VirtioDevice for Vsock {
 
     fn reset(&mut self, registrar: &Registrar) {
         self.muxer.reset(registrar);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::packet::{TYPE_STREAM, op};
-    use super::*;
-    use crate::devices::virtio::VIRTIO_RING_F_EVENT_IDX;
-    use crate::devices::virtio::testing::{Rig, TestQueue, buffer_addr};
-
-    const GUEST_CID: u64 = 3;
-
-    /// A device listening on a socket of its own, and its path.
-    fn device(name: &str) -> (Vsock, std::path::PathBuf) {
-        let path = std::env::temp_dir().join(format!("vmm-vsock-{}-{name}", std::process::id()));
-        (Vsock::new(GUEST_CID, &path).unwrap(), path)
-    }
-
-    /// Has the guest send a data packet for a connection the host does not
-    /// know: the host side answers with a reset, a packet for RX.
-    fn queue_a_reset(vsock: &mut Vsock, rig: &Rig<'_>) {
-        let header = Header {
-            src_cid: GUEST_CID,
-            dst_cid: packet::HOST_CID,
-            src_port: 1234,
-            dst_port: 5678,
-            kind: TYPE_STREAM,
-            op: op::RW,
-            ..Default::default()
-        };
-        vsock
-            .muxer
-            .handle_guest_packet(&header, &[], &rig.registrar);
-        assert!(vsock.muxer.has_rx());
-    }
-
-    #[test]
-    fn event_idx_is_offered() {
-        let (vsock, path) = device("offer");
-        assert_ne!(vsock.features() & VIRTIO_RING_F_EVENT_IDX, 0);
-        drop(vsock);
-        let _ = std::fs::remove_file(path);
-    }
-
-    #[test]
-    fn with_event_idx_rx_asks_for_kicks_only_when_it_needs_buffers() {
-        let q = TestQueue::new();
-        let mut rig = Rig::new(&q);
-        let (mut vsock, path) = device("rx-kicks");
-        rig.activate(&mut vsock, VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX);
-        // A packet for the guest and no RX buffer: the driver's first
-        // buffer must kick.
-        queue_a_reset(&mut vsock, &rig);
-        rig.notify(&mut vsock, RX_QUEUE).unwrap();
-        assert_eq!(rig.avail_event(), 0);
-        rig.offer_buffers(0, 1, 4096);
-        assert!(rig.driver_kicks(0, true));
-        rig.notify(&mut vsock, RX_QUEUE).unwrap();
-        assert_eq!(rig.used(0), [(0, HEADER_SIZE as u32)]);
-        assert_eq!(rig.interrupts(), 1);
-        let mut op_bytes = [0u8; 2];
-        op_bytes.copy_from_slice(&rig.read(buffer_addr(0) + 30, 2));
-        assert_eq!(u16::from_le_bytes(op_bytes), op::RST);
-        // Nothing more for the guest: buffers it posts wait for the host
-        // side, which drives RX itself; they need not kick.
-        assert_eq!(rig.avail_event(), 1);
-        rig.offer_buffers(1, 1, 4096);
-        assert!(rig.driver_kicks(1, true));
-        rig.notify(&mut vsock, RX_QUEUE).unwrap();
-        assert_eq!(rig.avail_event(), 1);
-        rig.offer_buffers(2, 1, 4096);
-        assert!(!rig.driver_kicks(2, true));
-        // The host side has a packet again: it takes the first buffer.
-        queue_a_reset(&mut vsock, &rig);
-        vsock.deliver_rx(&mut rig.ctx()).unwrap();
-        assert_eq!(rig.used(1), [(1, HEADER_SIZE as u32)]);
-        drop(vsock);
-        let _ = std::fs::remove_file(path);
-    }
-
-    #[test]
-    fn without_event_idx_rx_leaves_the_rings_alone() {
-        let q = TestQueue::new();
-        let mut rig = Rig::new(&q);
-        let (mut vsock, path) = device("rx-plain");
-        rig.activate(&mut vsock, VIRTIO_F_VERSION_1);
-        queue_a_reset(&mut vsock, &rig);
-        rig.notify(&mut vsock, RX_QUEUE).unwrap();
-        rig.offer_buffers(0, 2, 4096);
-        rig.notify(&mut vsock, RX_QUEUE).unwrap();
-        assert_eq!(rig.used(0), [(0, HEADER_SIZE as u32)]);
-        assert_eq!(rig.interrupts(), 1);
-        assert_eq!(rig.avail_event(), 0);
-        assert_eq!(rig.used_flags(), 0);
-        drop(vsock);
-        let _ = std::fs::remove_file(path);
     }
 }
