@@ -150,15 +150,11 @@ pub const L1_FAULT_RERUNS: u32 = 2;
 /// `console-attempt<N>.log`, likewise the output, heartbeat and frozen-vCPU
 /// logs) so the next attempt starts clean; returns the kept console's path.
 fn keep_attempt_logs(workdir: &Path, attempt: u32) -> PathBuf {
-    for stem in ["output", "heartbeat", "l1-frozen-vcpus"] {
-        let _ = std::fs::rename(
-            workdir.join(format!("{stem}.log")),
-            workdir.join(format!("{stem}-attempt{attempt}.log")),
-        );
+    let kept = |stem: &str| workdir.join(format!("{stem}-attempt{attempt}.log"));
+    for stem in ["console", "output", "heartbeat", "l1-frozen-vcpus"] {
+        let _ = std::fs::rename(workdir.join(format!("{stem}.log")), kept(stem));
     }
-    let console = workdir.join(format!("console-attempt{attempt}.log"));
-    let _ = std::fs::rename(workdir.join("console.log"), &console);
-    console
+    kept("console")
 }
 
 /// Why an L1's end is a fault of the L1 itself (QEMU's emulation or the
