@@ -114,7 +114,24 @@ sample() {
     fi
   done
 }
-( while :; do sample host-agent; sample vmm; sleep 0.5; done ) &
+# threads NAME: one line per call with the CPU time (clock ticks) of each
+# thread of the NAME processes, in /tmp/threads-NAME.log: on a failure it
+# shows which thread (a vCPU: the guest; `devices`: our device loop) was
+# busy while the job stalled.
+threads() {
+  for pid in $(pidof "$1"); do
+    line="t=$(cut -d' ' -f1 /proc/uptime)"
+    for task in /proc/$pid/task/*; do
+      line="$line $(cat $task/comm 2>/dev/null)=$(awk '{print $14 + $15}' $task/stat 2>/dev/null)"
+    done
+    echo "$line" >> /tmp/threads-$1.log
+  done
+}
+( n=0; while :; do
+    sample host-agent; sample vmm
+    n=$((n + 1)); [ $((n % 4)) = 0 ] && threads vmm
+    sleep 0.5
+  done ) &
 sampler=$!
 mkfifo /tmp/out.fifo
 wc -c < /tmp/out.fifo > /tmp/out.bytes &
@@ -147,6 +164,8 @@ if [ "$rc" != 0 ]; then
   tail -n 40 /tmp/guest-console.log
   echo "--- vmm log (last lines) ---"
   tail -n 20 /tmp/vmm-stderr.log
+  echo "--- vmm threads' CPU ticks, every 2 s (last lines) ---"
+  tail -n 25 /tmp/threads-vmm.log
 fi
 exit $rc
 "#;
