@@ -393,8 +393,9 @@ fn l1_kernel_cmdline(sc: &Scenario) -> String {
     //
     // KASLR stays on in the L1: with `nokaslr` the L1 kernel sits at the
     // same virtual addresses as the L2's (0xffffffff81000000), and the L2
-    // triple-faulted under the vsock flood in every run (9 of 9), against a
-    // few percent with KASLR: QEMU TCG seems to mix up the two kernels'
+    // triple-faulted under the vsock flood in every run (9 of 9) under QEMU
+    // 7.2, against a few percent with KASLR, and still hung (vCPU spinning)
+    // in 3 of 9 under QEMU 10.0: QEMU TCG seems to mix up the two kernels'
     // translations across the emulated world switch.
     let mut cmdline = String::from(
         "console=ttyS0 panic=-1 mitigations=off transparent_hugepage=never softlockup_panic=1",
