@@ -1,7 +1,7 @@
 #!/bin/sh
 # run.sh [RUNS]: boot-cycle benchmark of vmm (and Firecracker, when
 # ../shared/peers/firecracker exists) on the project kernel in the nested
-# harness. From the repository root: sh vmm/bench/run.sh 5
+# harness. From the repository root: sh vmm/bench/run.sh 7
 #
 # The L1 runs with transparent huge pages on, as a KVM host normally does
 # (the harness turns them off for tests, where they made emulator faults
