@@ -2,7 +2,13 @@
 //! events in order to an [`EventSink`] (the orchestrator), forwards cancels,
 //! and turns every way the VM can fail into a job result with a reason.
 //!
-//! Backpressure: events are batched, and when a batch is full the relay
+//! Latency: the relay posts at once unless it already posted twice within
+//! the last [`FLUSH_INTERVAL`], so the first events after a quiet spell (a
+//! step's `StepStarted` and its first line) reach the sink without waiting
+//! for a tick; while events stream, they are batched and posted on the
+//! tick (every [`FLUSH_INTERVAL`]) or when a batch fills.
+//!
+//! Backpressure: when a batch is full the relay
 //! awaits the sink before it reads from the guest again, so a job printing
 //! gigabytes fills the vsock buffers and blocks the guest's writer instead
 //! of the host's memory. An optional per-VM [`LogRateLimit`] also paces
@@ -61,6 +67,14 @@ impl Batch {
     fn full(&self) -> bool {
         self.events.len() >= MAX_BATCH_EVENTS || self.bytes >= MAX_BATCH_BYTES
     }
+
+    /// Whether to post now, given the time since the post before the last
+    /// one: when full, or when fewer than two posts were made in the last
+    /// flush interval (an event after a quiet spell would otherwise wait
+    /// for the next tick for nothing).
+    fn due(&self, since_post_before_last: Duration) -> bool {
+        self.full() || (!self.events.is_empty() && since_post_before_last >= FLUSH_INTERVAL)
+    }
 }
 
 /// Relays `job` on `vm` until it ends, reading the guest's log no faster
@@ -82,6 +96,9 @@ pub async fn run_job(
         first_log: None,
         cancel_sent: false,
         last_post: Instant::now(),
+        post_before_last: Instant::now()
+            .checked_sub(FLUSH_INTERVAL)
+            .unwrap_or_else(Instant::now),
         log_rate,
         paused_until: None,
     };
@@ -107,6 +124,8 @@ struct Relay {
     first_log: Option<Instant>,
     cancel_sent: bool,
     last_post: Instant,
+    /// When the post before `last_post` was made (see [`Batch::due`]).
+    post_before_last: Instant,
     log_rate: Option<LogRateLimit>,
     /// Set while the log rate limit has the relay stop reading the guest.
     paused_until: Option<tokio::time::Instant>,
@@ -152,7 +171,7 @@ impl Relay {
                             return error(format!("runner-agent channel failed{}: {e}", self.during()));
                         }
                     }
-                    if self.batch.full() && let Err(e) = self.flush(channel, sink).await {
+                    if self.batch.due(self.post_before_last.elapsed()) && let Err(e) = self.flush(channel, sink).await {
                         return error(e);
                     }
                 }
@@ -218,6 +237,7 @@ impl Relay {
         channel: &mut GuestChannel,
         sink: &mut impl EventSink,
     ) -> Result<(), String> {
+        self.post_before_last = self.last_post;
         self.last_post = Instant::now();
         let events = std::mem::take(&mut self.batch.events);
         self.batch.bytes = 0;
@@ -244,5 +264,44 @@ async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::message::{LogChunk, OutputStream};
+
+    fn batch_of(events: usize, bytes: usize) -> Batch {
+        let chunk = JobEventKind::LogChunk(LogChunk {
+            step: 0,
+            stream: OutputStream::Stdout,
+            seq: 0,
+            data: Vec::new(),
+        });
+        Batch {
+            events: vec![chunk; events],
+            bytes,
+        }
+    }
+
+    #[test]
+    fn an_event_after_a_quiet_spell_is_posted_at_once() {
+        assert!(batch_of(1, 10).due(FLUSH_INTERVAL));
+        assert!(batch_of(1, 10).due(Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn streaming_events_wait_for_the_tick_unless_the_batch_is_full() {
+        let recent = FLUSH_INTERVAL / 2;
+        assert!(!batch_of(1, 10).due(recent));
+        assert!(!batch_of(MAX_BATCH_EVENTS - 1, 10).due(recent));
+        assert!(batch_of(MAX_BATCH_EVENTS, 10).due(recent));
+        assert!(batch_of(1, MAX_BATCH_BYTES).due(recent));
+    }
+
+    #[test]
+    fn an_empty_batch_is_never_due() {
+        assert!(!batch_of(0, 0).due(Duration::from_secs(5)));
     }
 }
