@@ -16,6 +16,15 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 packages=(linux-image-cloud-amd64 busybox-static e2fsprogs
     nftables iproute2) # nftables, iproute2: the guest-networking nested tests (issue 6)
 
+# apt_install [APT-GET INSTALL OPTIONS...] PACKAGE...: refreshes the package
+# lists and installs, without recommends; dies with what failed.
+apt_install() {
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >&2 || die "apt-get update failed; check the machine's Debian mirror"
+    apt-get install -y -q --no-install-recommends "$@" >&2 \
+        || die "apt-get install $* failed (see above)"
+}
+
 install_packages() {
     local missing=()
     for p in "$@"; do
@@ -28,10 +37,7 @@ install_packages() {
     fi
     [[ $(id -u) == 0 ]] || die "need root to install: ${missing[*]} (run as root, or install them yourself)"
     say "installing Debian packages: ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q >&2 || die "apt-get update failed; check the machine's Debian mirror"
-    apt-get install -y -q --no-install-recommends "${missing[@]}" >&2 \
-        || die "apt-get install ${missing[*]} failed (see above)"
+    apt_install "${missing[@]}"
 }
 
 # QEMU for the nested harness comes from Debian's bookworm-backports (10.0),
@@ -64,10 +70,7 @@ install_backports_qemu() {
             "$mirror" >"$list"
     fi
     say "installing qemu-system-x86 from bookworm-backports (have QEMU $major)"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q >&2 || die "apt-get update failed; check the machine's Debian mirror"
-    apt-get install -y -q --no-install-recommends -t bookworm-backports qemu-system-x86 >&2 \
-        || die "installing qemu-system-x86 from bookworm-backports failed (see above)"
+    apt_install -t bookworm-backports qemu-system-x86
     major="$(qemu_major)"
     ((major >= QEMU_MIN_MAJOR)) || die "QEMU is still $major after the install; expected $QEMU_MIN_MAJOR"
 }

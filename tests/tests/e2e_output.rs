@@ -96,6 +96,8 @@ keep_max() {
   old=$(cat "$1" 2>/dev/null || echo 0)
   if [ -n "$2" ] && [ "$2" -gt "$old" ]; then echo "$2" > "$1"; fi
 }
+# ticks STAT: user + system CPU time (clock ticks) in a /proc stat file.
+ticks() { awk '{print $14 + $15}' "$1" 2>/dev/null; }
 # sample NAME: for processes named NAME, the highest VmHWM (kB) in
 # /tmp/hwm-NAME, CPU time (clock ticks) when last seen in /tmp/cpu-NAME,
 # and for the VMM its highest RSS outside the guest-RAM mapping (the one
@@ -103,7 +105,7 @@ keep_max() {
 sample() {
   for pid in $(pidof "$1"); do
     keep_max /tmp/hwm-$1 "$(awk '/^VmHWM/ {print $2}' /proc/$pid/status 2>/dev/null)"
-    awk '{print $14 + $15}' /proc/$pid/stat > /tmp/cpu-$1.new 2>/dev/null &&
+    ticks /proc/$pid/stat > /tmp/cpu-$1.new &&
       mv /tmp/cpu-$1.new /tmp/cpu-$1
     if [ "$1" = vmm ]; then
       keep_max /tmp/overhead-vmm "$(awk -v guest=$((@MEMORY@ * 1024)) '
@@ -122,7 +124,7 @@ threads() {
   for pid in $(pidof "$1"); do
     line="t=$(cut -d' ' -f1 /proc/uptime)"
     for task in /proc/$pid/task/*; do
-      line="$line $(cat $task/comm 2>/dev/null)=$(awk '{print $14 + $15}' $task/stat 2>/dev/null)"
+      line="$line $(cat $task/comm 2>/dev/null)=$(ticks $task/stat)"
     done
     echo "$line" >> /tmp/threads-$1.log
   done
