@@ -83,6 +83,10 @@ pub struct Scenario {
     /// How long the L1's heartbeat may be silent before the L1 counts as
     /// frozen and is killed (nested mode only; see `heartbeat`).
     pub freeze_limit: Duration,
+    /// How many times a run that failed on the L2 guest's triple fault (an
+    /// emulator fault under heavy L2 I/O, see `run::L2_TRIPLE_FAULT`) runs
+    /// again in a fresh L1 (nested mode only; 0: never).
+    pub l2_triple_fault_reruns: u32,
 }
 
 impl Scenario {
@@ -102,6 +106,7 @@ impl Scenario {
             echo: true,
             l1_kernel_args: Vec::new(),
             freeze_limit: crate::heartbeat::FREEZE_LIMIT,
+            l2_triple_fault_reruns: 0,
         }
     }
 }
@@ -200,7 +205,8 @@ impl Outcome {
     }
 }
 
-fn describe(status: &Status) -> String {
+/// One line saying how a scenario ended.
+pub(crate) fn describe(status: &Status) -> String {
     match status {
         Status::Exited(0) => "passed (exit 0)".into(),
         Status::Exited(c) => format!("FAILED: script exited with {c}"),

@@ -80,6 +80,25 @@ fn a_frozen_l1_is_killed_early_rerun_and_reported_with_its_vcpus() {
 }
 
 #[test]
+fn an_l2_triple_fault_is_rerun_only_as_often_as_the_scenario_asks() {
+    // The VMM's triple-fault line in a failed run's output looks, from the
+    // harness, exactly like the emulator's L2 fault.
+    let line = format!("vmm: VM stopped: vCPU 0: {}", harness::run::L2_TRIPLE_FAULT);
+    let mut sc = scenario("triple-fault", &format!("echo '{line}'; exit 1"), 60);
+    sc.l2_triple_fault_reruns = 1;
+    let out = harness::run(&sc).unwrap();
+    assert_eq!(out.status, Status::Exited(1), "{}", out.report());
+    assert!(out.output.contains(&line), "{}", out.output);
+    let kept = |n: u32| out.workdir.join(format!("output-attempt{n}.log"));
+    assert!(kept(1).exists(), "no rerun: {}", out.report());
+    assert!(
+        !kept(2).exists(),
+        "more reruns than asked: {}",
+        out.report()
+    );
+}
+
+#[test]
 fn an_l1_panic_is_reported_with_the_console_tail() {
     let out = harness::run(&scenario(
         "panic",
