@@ -369,3 +369,44 @@ fn sigterm_to_the_agent_kills_the_job_first() {
         "background sleep {background} survived the agent"
     );
 }
+
+#[test]
+fn output_in_full_flow_is_coalesced_into_few_chunks_and_a_lone_line_is_not_held() {
+    let mut host = FakeHost::start(&[]);
+    let mut conn = host.accept();
+    // 64 writes of 4 KiB, a moment apart: one chunk each without
+    // coalescing, since the pump drains the pipe between them. Then, after
+    // a quiet spell, an interleaved stderr line and a last stdout line.
+    let job = job(&[(
+        "flow",
+        "s=$(head -c 4096 /dev/zero | tr '\\0' c); i=0; \
+         while [ $i -lt 64 ]; do printf %s \"$s\"; sleep 0.001; i=$((i + 1)); done; \
+         sleep 0.3; echo err >&2; sleep 0.1; echo out",
+    )]);
+    let transcript = conn.run(&job);
+    assert_eq!(transcript.result(), &JobResult::Succeeded);
+    let stdout: Vec<usize> = transcript
+        .chunks()
+        .filter(|c| c.stream == OutputStream::Stdout)
+        .map(|c| c.data.len())
+        .collect();
+    eprintln!("stdout chunk sizes: {stdout:?}");
+    assert_eq!(stdout.iter().sum::<usize>(), 64 * 4096 + 4);
+    assert!(
+        stdout.len() <= 32,
+        "{} chunks for 64 writes in full flow: not coalesced",
+        stdout.len()
+    );
+    // The stderr line went out between the flow and the last line, each
+    // in a chunk of its own.
+    assert_eq!(
+        transcript.output(0, OutputStream::Stdout).len(),
+        64 * 4096 + 4
+    );
+    let err = transcript
+        .position(|m| matches!(m, GuestMessage::LogChunk(c) if c.stream == OutputStream::Stderr));
+    let out = transcript.position(|m| matches!(m, GuestMessage::LogChunk(c) if c.data == b"out\n"));
+    assert!(err < out, "{transcript:#?}");
+    drop(conn);
+    assert!(host.wait().success());
+}

@@ -198,7 +198,7 @@ pub fn run_job(job: &Job, settings: &RunnerSettings, io: &JobIo<'_>) -> JobEnd {
         Some(Stop::Cancelled(_)) => JobEnd::Finished(JobResult::Cancelled),
         None => JobEnd::Finished(result),
     };
-    tracing::info!(job = %job.id, ?end, "job ended");
+    tracing::info!(job = %job.id, ?end, log_chunks = io.outbound.chunks_sent(), "job ended");
     end
 }
 
