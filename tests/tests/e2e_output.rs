@@ -36,8 +36,9 @@ const TRIPLE_FAULT_RERUNS: u32 = 3;
 /// MiB the job writes: 200 as the issue asks, or `$KINDLING_FLOOD_MIB`.
 ///
 /// 200 MiB also crosses the orchestrator's 128 MiB output cap, so the cut
-/// and its notice are checked too. Runs take 100-280 s in the L1 (debug
-/// build; the upper end with other work on the machine). A long vsock
+/// and its notice are checked too. The flood takes ~70 s in the L1 (debug
+/// build; 100-280 s before the runner agent coalesced output in full flow,
+/// with other work on the machine at the upper end). A long vsock
 /// flood sometimes ends in a triple fault of the L2 guest with no message
 /// before it, and the Firecracker peer in the same L1 under the same flood
 /// does the same (1 of 3 runs); and the L1 kernel sometimes panics (an L1
