@@ -2,7 +2,11 @@
 # Boot-path benchmark of the runner agent, for the minimal and the debian
 # image, against a bare init on the same kernel:
 #
-#   VMM start -> runner-agent Hello   (host-agent's summary: VMM spawn -> Hello)
+#   VMM start -> runner-agent Hello   (host-agent's summary: VMM spawn -> Hello;
+#                                       includes the jail and the VMM's exec)
+#   VMM start -> agent connects        (VMM log, as for the bare init: the agent
+#                                       sends Hello as soon as it is connected;
+#                                       no host agent, no jail)
 #   job received -> first LogChunk     (host-agent's summary: job acquired -> first chunk)
 #   last step end -> VMM exit          (guest powers itself off; VMM log: the job's
 #                                       last step writes boot-timer mark 0xff, the VMM
@@ -31,7 +35,7 @@ while [[ $# -gt 0 ]]; do
         shift 2
         ;;
     -h | --help)
-        sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'
         exit 0
         ;;
     *) die "unknown argument '$1' (see --help)" ;;
@@ -110,6 +114,7 @@ function median(key,    n, i, j, t, v) {
     return (n % 2) ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
 }
 function ms(x) { return x == "NA" ? "      -" : sprintf("%7.0f", x) }
+function ratio(x, base) { return (x == "NA" || base == "NA" || base == 0) ? "-" : sprintf("%.2f", x / base) }
 /^BENCH / {
     image = ""
     for (i = 2; i <= NF; i++) { split($i, kv, "="); f[kv[1]] = kv[2] }
@@ -122,15 +127,16 @@ function ms(x) { return x == "NA" ? "      -" : sprintf("%7.0f", x) }
 END {
     bare = median("bare" SUBSEP "init_ms")
     printf "\nmedians of %d run(s), ms (nested: L2 on KVM in an L1 under QEMU TCG)\n\n", runs
-    printf "%-8s %13s %13s %13s %13s %13s %9s\n", "image", "VMM->Hello", "Hello->Ready", "job->1st log", "last step->", "teardown", "Hello /"
-    printf "%-8s %13s %13s %13s %13s %13s %9s\n", "", "", "", "", "VMM exit", "(host kill)", "bare init"
+    printf "%-8s %13s %9s %13s %9s %13s %13s %13s %13s\n", "image", "VMM->connect", "connect /", "VMM->Hello", "Hello /", "Hello->Ready", "job->1st log", "last step->", "teardown"
+    printf "%-8s %13s %9s %13s %9s %13s %13s %13s %13s\n", "", "(direct)", "bare init", "(host agent)", "bare init", "", "", "VMM exit", "(host kill)"
     for (m = 1; m <= 2; m++) {
         image = (m == 1) ? "minimal" : "debian"
+        connect = median(image SUBSEP "connect_ms")
         hello = median(image SUBSEP "hello_ms")
-        ratio = (hello == "NA" || bare == "NA" || bare == 0) ? "-" : sprintf("%.2f", hello / bare)
-        printf "%-8s %13s %13s %13s %13s %13s %9s\n", image, ms(hello), ms(median(image SUBSEP "ready_ms")),
+        printf "%-8s %13s %9s %13s %9s %13s %13s %13s %13s\n", image, ms(connect), ratio(connect, bare),
+            ms(hello), ratio(hello, bare), ms(median(image SUBSEP "ready_ms")),
             ms(median(image SUBSEP "first_log_ms")), ms(median(image SUBSEP "exit_ms")),
-            ms(median(image SUBSEP "teardown_ms")), ratio
+            ms(median(image SUBSEP "teardown_ms"))
     }
     printf "%-8s %13s   (VMM start -> bare /init; VMM exit at %s)\n", "bare", ms(bare), ms(median("bare" SUBSEP "stop_ms"))
 }' "$work/harness/output.log"

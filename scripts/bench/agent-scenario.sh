@@ -8,7 +8,9 @@
 #            0x01 and resets: VMM start -> init (from the VMM's log)
 #   IMAGE/ha `host-agent run job.yaml`: its summary gives VMM start ->
 #            Hello, Hello -> Ready, job -> first log chunk, teardown
-#   IMAGE/fh the VMM driven by `fake-host` (no host agent): the job's last
+#   IMAGE/fh the VMM driven by `fake-host` (no host agent, no jail): VMM
+#            start -> the agent's vsock connection (it sends Hello at once),
+#            from the VMM's log like the bare init's mark; the job's last
 #            step writes mark 0xff as its last action, fake-host sends
 #            Shutdown after JobFinished, and the guest powers itself off:
 #            last step end -> VMM exit, both from the VMM's log
@@ -96,7 +98,8 @@ via_fake_host() {
     last=$(mark_ms "$d/vmm.log" 0xff)
     stop=$(stamp_ms "$d/vmm.log" 'VM stopped')
     echo "BENCH image=$1 run=$3 rc=$rc fake_host_rc=$fhrc last_step_end_ms=$last" \
-        "stop_ms=$stop exit_ms=$(diff_ms "$last" "$stop")"
+        "stop_ms=$stop exit_ms=$(diff_ms "$last" "$stop")" \
+        "connect_ms=$(stamp_ms "$d/vmm.log" 'first guest connection')"
 }
 
 run=1

@@ -97,6 +97,10 @@ pub struct Muxer {
     next_token: u32,
     next_local_port: u32,
     dropped_packets: u64,
+    /// Guest-initiated connections accepted so far (the first is logged:
+    /// with the VMM log's timestamps it times the guest's boot to its
+    /// agent's first connection).
+    guest_connections: u64,
 }
 
 impl Drop for Muxer {
@@ -147,6 +151,7 @@ impl Muxer {
             next_token: LISTENER_TOKEN + 1,
             next_local_port: FIRST_LOCAL_PORT,
             dropped_packets: 0,
+            guest_connections: 0,
         })
     }
 
@@ -347,6 +352,14 @@ impl Muxer {
                 return;
             }
         };
+        self.guest_connections += 1;
+        if self.guest_connections == 1 {
+            log::info!(
+                "vsock: first guest connection, port {} to {}",
+                header.src_port,
+                path.display()
+            );
+        }
         let token = self.allocate_token();
         let mut conn = Connection::new(stream, token, key.0, key.1, State::Established);
         conn.update_peer_credit(header.buf_alloc, header.fwd_cnt);
