@@ -101,13 +101,12 @@ pub fn run(sc: &Scenario) -> Result<Outcome, HarnessError> {
             let mut r = nested::run(sc, &workdir, &nonce)?;
             // Some ends are faults of the emulator, not of the scenario (see
             // `emulator_fault`): the L1 resets, panics or freezes by itself,
-            // and, in scenarios that ask for it, the L2 guest triple-faults
-            // under heavy I/O. Each time the scenario runs again in a fresh
-            // L1, saying so, up to `L1_FAULT_RERUNS` times for the L1's
-            // faults and `sc.l2_triple_fault_reruns` for the L2's (a reset
-            // and then a freeze hit one CI run back to back; a triple fault
-            // and then an L1 panic another); one more such end is the
-            // failure.
+            // or the L2 guest triple-faults. Each time the scenario runs
+            // again in a fresh L1, saying so, up to `L1_FAULT_RERUNS` times
+            // for the L1's faults and `sc.l2_triple_fault_reruns` for the
+            // L2's (a reset and then a freeze hit one CI run back to back; a
+            // triple fault and then an L1 panic another); one more such end
+            // is the failure.
             let (mut l1_reruns, mut l2_reruns) = (0, 0);
             for attempt in 1.. {
                 let why = match emulator_fault(&r.status, &workdir.join("console.log")) {
@@ -120,8 +119,8 @@ pub fn run(sc: &Scenario) -> Result<Outcome, HarnessError> {
                     {
                         l2_reruns += 1;
                         format!(
-                            "the L2 guest triple-faulted (QEMU TCG's emulated SVM under heavy \
-                             L2 I/O); rerun {l2_reruns} of {} for L2 triple faults",
+                            "the L2 guest triple-faulted (QEMU TCG's emulated SVM, most often \
+                             under heavy L2 I/O); rerun {l2_reruns} of {} for L2 triple faults",
                             sc.l2_triple_fault_reruns
                         )
                     }
@@ -157,7 +156,7 @@ pub fn run(sc: &Scenario) -> Result<Outcome, HarnessError> {
 }
 
 /// How many times a scenario whose L1 failed by itself (see
-/// [`emulator_fault`]) runs again in a fresh L1.
+/// `emulator_fault` in this module) runs again in a fresh L1.
 pub const L1_FAULT_RERUNS: u32 = 2;
 
 /// Renames a finished attempt's logs (`console.log` to
@@ -224,7 +223,9 @@ fn is_world_switch_panic(console: &str) -> bool {
 
 /// What a panic the scenario caused itself says: a crash asked for through
 /// sysrq, or memory exhausted (the OOM killer found nothing to kill, or
-/// `panic_on_oom`). These are the scenario's results, never rerun.
+/// `panic_on_oom`). These are the scenario's results, never rerun; so is
+/// any panic after an OOM kill in the same L1 (the console says "Out of
+/// memory" then too), which errs on the side of failing.
 const SCENARIO_MADE_PANICS: &[&str] = &[
     "sysrq triggered crash",
     "Out of memory",
@@ -236,11 +237,11 @@ const SCENARIO_MADE_PANICS: &[&str] = &[
 pub const L2_TRIPLE_FAULT: &str = "triple fault (KVM_EXIT_SHUTDOWN)";
 
 /// Whether a run failed with the L2 guest's triple fault in its output.
-/// Under a long vsock flood or `dockerd`'s start, QEMU TCG's emulated SVM
-/// sometimes triple-faults the L2 with no message before it; the
-/// Firecracker peer in the same L1 under the same flood does the same (1
-/// of 3 runs). Scenarios that meet it opt in to reruns with
-/// [`Scenario::l2_triple_fault_reruns`].
+/// Under a long vsock flood, `dockerd`'s start, or two VMs starting at
+/// once, QEMU TCG's emulated SVM sometimes triple-faults the L2 with no
+/// message before it; the Firecracker peer in the same L1 under the same
+/// flood does the same (1 of 3 runs). How often such a run is repeated is
+/// the scenario's [`Scenario::l2_triple_fault_reruns`].
 fn is_l2_triple_fault(status: &Status, output: &str) -> bool {
     *status != Status::Exited(0) && output.contains(L2_TRIPLE_FAULT)
 }
