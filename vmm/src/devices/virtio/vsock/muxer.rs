@@ -97,10 +97,10 @@ pub struct Muxer {
     next_token: u32,
     next_local_port: u32,
     dropped_packets: u64,
-    /// Guest-initiated connections accepted so far (the first is logged:
-    /// with the VMM log's timestamps it times the guest's boot to its
-    /// agent's first connection).
-    guest_connections: u64,
+    /// Whether the guest has connected to a host port yet (the first time
+    /// is logged: with the VMM log's timestamps it times the guest's boot
+    /// to its agent's first connection).
+    guest_connected: bool,
 }
 
 impl Drop for Muxer {
@@ -151,7 +151,7 @@ impl Muxer {
             next_token: LISTENER_TOKEN + 1,
             next_local_port: FIRST_LOCAL_PORT,
             dropped_packets: 0,
-            guest_connections: 0,
+            guest_connected: false,
         })
     }
 
@@ -352,8 +352,8 @@ impl Muxer {
                 return;
             }
         };
-        self.guest_connections += 1;
-        if self.guest_connections == 1 {
+        if !self.guest_connected {
+            self.guest_connected = true;
             log::info!(
                 "vsock: first guest connection, port {} to {}",
                 header.src_port,
