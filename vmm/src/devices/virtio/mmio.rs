@@ -174,7 +174,8 @@ impl MmioTransport {
         self.device.device_type()
     }
 
-    /// Whether the driver has set DRIVER_OK and the device is running.
+    /// Whether the driver has set DRIVER_OK and the device is running (not
+    /// stopped by an error or FAILED since).
     pub fn is_activated(&self) -> bool {
         self.activated
     }
@@ -200,6 +201,18 @@ impl MmioTransport {
             self.device.device_type()
         );
         self.interrupt.set_needs_reset();
+        self.stop_device();
+    }
+
+    /// Releases a running device until the driver resets it: its backend
+    /// fds leave the device thread's epoll, which is level-triggered and
+    /// would otherwise wake the thread, again and again, for host data
+    /// that a stopped device does not read.
+    fn stop_device(&mut self) {
+        if self.activated {
+            self.device.reset(&self.registrar);
+            self.activated = false;
+        }
     }
 
     fn context(&mut self) -> (&mut Box<dyn VirtioDevice>, QueueContext<'_>) {
@@ -215,10 +228,7 @@ impl MmioTransport {
     }
 
     fn reset(&mut self) {
-        if self.activated {
-            self.device.reset(&self.registrar);
-        }
-        self.activated = false;
+        self.stop_device();
         // The same sizes succeeded at construction, so this cannot fail;
         // keep the old queues (reset below) if it somehow does.
         match new_queues(self.device.as_ref()) {
@@ -262,8 +272,8 @@ impl MmioTransport {
     /// device status state machine (virtio 1.2 sections 2.1 and 3.1.1):
     ///
     /// * 0 resets the device (the only way to clear a bit);
-    /// * FAILED is accepted at any time; the device then serves nothing
-    ///   until the next reset;
+    /// * FAILED is accepted at any time; the device is stopped (as on a
+    ///   device error) until the next reset;
     /// * otherwise the write must keep every bit already set and add bits
     ///   only along ACKNOWLEDGE, DRIVER, FEATURES_OK, DRIVER_OK, in that
     ///   order (several steps in one write are taken one by one); anything
@@ -285,6 +295,7 @@ impl MmioTransport {
         }
         if value & status::FAILED != 0 {
             self.status |= status::FAILED;
+            self.stop_device();
             return;
         }
         if let Err(why) = self.check_transition(value) {
@@ -502,6 +513,7 @@ mod tests {
         notified: Arc<Mutex<Vec<usize>>>,
         activated: Arc<Mutex<Option<u64>>>,
         activations: Arc<Mutex<u32>>,
+        resets: Arc<Mutex<u32>>,
     }
 
     impl VirtioDevice for Probe {
@@ -527,8 +539,14 @@ mod tests {
             queue: usize,
             _: &mut QueueContext<'_>,
         ) -> Result<(), DeviceError> {
+            if queue == 1 {
+                return Err(DeviceError::Backend("queue 1 always fails".into()));
+            }
             self.notified.lock().unwrap().push(queue);
             Ok(())
+        }
+        fn reset(&mut self, _: &Registrar) {
+            *self.resets.lock().unwrap() += 1;
         }
     }
 
@@ -537,6 +555,7 @@ mod tests {
         notified: Arc<Mutex<Vec<usize>>>,
         activated: Arc<Mutex<Option<u64>>>,
         activations: Arc<Mutex<u32>>,
+        resets: Arc<Mutex<u32>>,
         _event_loop: EventLoop,
     }
 
@@ -547,10 +566,12 @@ mod tests {
         let notified = Arc::new(Mutex::new(Vec::new()));
         let activated = Arc::new(Mutex::new(None));
         let activations = Arc::new(Mutex::new(0));
+        let resets = Arc::new(Mutex::new(0));
         let device = Probe {
             notified: notified.clone(),
             activated: activated.clone(),
             activations: activations.clone(),
+            resets: resets.clone(),
         };
         let interrupt = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
         let transport = MmioTransport::new(Box::new(device), mem, interrupt, registrar).unwrap();
@@ -559,6 +580,7 @@ mod tests {
             notified,
             activated,
             activations,
+            resets,
             _event_loop: event_loop,
         }
     }
@@ -815,6 +837,8 @@ mod tests {
         let t = &mut f.transport;
         write32(t, 0x70, ALL_OK | status::FAILED);
         assert_eq!(read32(t, 0x70), ALL_OK | status::FAILED);
+        assert_eq!(*f.resets.lock().unwrap(), 1, "the backend is released");
+        assert!(!t.is_activated());
         write32(t, 0x50, 0);
         t.handle_event(0, EventSet::IN);
         assert!(f.notified.lock().unwrap().is_empty(), "served after FAILED");
@@ -823,6 +847,7 @@ mod tests {
         assert_eq!(read32(t, 0x70), ALL_OK | status::FAILED);
         write32(t, 0x70, 0);
         assert_eq!(read32(t, 0x70), 0);
+        assert_eq!(*f.resets.lock().unwrap(), 1, "released once");
         // FAILED from the very start too.
         write32(t, 0x70, status::FAILED);
         assert_eq!(read32(t, 0x70), status::FAILED);
@@ -862,5 +887,37 @@ mod tests {
             "{} lines",
             lines.len()
         );
+    }
+
+    #[test]
+    fn a_device_error_stops_the_device_until_the_driver_resets_it() {
+        let mut f = fixture();
+        let t = &mut f.transport;
+        negotiate(t, 1);
+        setup_queue(t, 0, 0x10000);
+        setup_queue(t, 1, 0x20000);
+        write32(t, 0x70, ALL_OK);
+        write32(t, 0x50, 1);
+        t.handle_event(1, EventSet::IN);
+        assert_ne!(read32(t, 0x70) & status::DEVICE_NEEDS_RESET, 0);
+        assert!(!t.is_activated());
+        assert_eq!(*f.resets.lock().unwrap(), 1, "the backend is released");
+        write32(t, 0x50, 0);
+        t.handle_event(0, EventSet::IN);
+        assert!(
+            f.notified.lock().unwrap().is_empty(),
+            "served after an error"
+        );
+        // Writing the status back (NEEDS_RESET included) changes nothing.
+        let status = read32(t, 0x70);
+        write32(t, 0x70, status);
+        assert_eq!(*f.activations.lock().unwrap(), 1);
+        write32(t, 0x70, 0);
+        assert_eq!(*f.resets.lock().unwrap(), 1, "released once");
+        negotiate(t, 1);
+        setup_queue(t, 0, 0x10000);
+        write32(t, 0x70, ALL_OK);
+        assert!(t.is_activated());
+        assert_eq!(*f.activations.lock().unwrap(), 2);
     }
 }
