@@ -207,11 +207,12 @@ mod capture {
     }
 }
 
-/// Runs `f` and returns the log lines it wrote on this thread (at the level
-/// `init` sets), instead of writing them to stderr.
+/// Runs `f` and returns the log lines it wrote on this thread (every
+/// level, whatever `VMM_LOG` says), instead of writing them to stderr.
 #[cfg(test)]
 pub(crate) fn capture_lines(f: impl FnOnce()) -> Vec<String> {
     init();
+    log::set_max_level(log::LevelFilter::Trace);
     capture::run(f)
 }
 
