@@ -49,6 +49,10 @@ pub struct Cli {
     /// Log guest writes to the boot-timer port (0x440).
     #[arg(long)]
     pub boot_timer: bool,
+    /// Bytes of VMM log (stderr) written at most (default 1 MiB); then one
+    /// "log truncated" line and nothing more.
+    #[arg(long)]
+    pub log_max_bytes: Option<u64>,
     /// Print the effective configuration as JSON and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -92,6 +96,9 @@ impl Cli {
             config.serial.max_bytes = max;
         }
         config.boot_timer |= self.boot_timer;
+        if let Some(max) = self.log_max_bytes {
+            config.log_max_bytes = max;
+        }
         Ok(config)
     }
 }
@@ -124,6 +131,8 @@ mod tests {
             "--serial",
             "file:/tmp/s",
             "--boot-timer",
+            "--log-max-bytes",
+            "65536",
         ])
         .unwrap();
         assert_eq!(cfg.kernel, PathBuf::from("/k"));
@@ -132,6 +141,9 @@ mod tests {
         assert!(cfg.drives[0].read_only && !cfg.drives[1].read_only);
         assert_eq!(cfg.vsock.unwrap().guest_cid, 3);
         assert!(cfg.boot_timer);
+        assert_eq!(cfg.log_max_bytes, 65536);
+        let default = parse(&["--kernel", "/k"]).unwrap();
+        assert_eq!(default.log_max_bytes, crate::logger::DEFAULT_MAX_BYTES);
     }
 
     #[test]

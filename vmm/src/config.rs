@@ -33,6 +33,8 @@ const MAX_UNIX_PATH: usize = 107;
 const VSOCK_PORT_SUFFIX_LEN: usize = 11;
 /// Default serial output bound: 16 MiB.
 pub const DEFAULT_SERIAL_MAX_BYTES: u64 = 16 << 20;
+/// Smallest VMM log cap accepted (`log_max_bytes`).
+pub const MIN_LOG_MAX_BYTES: u64 = 1024;
 
 /// The kernel command line used when none is given.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off \
@@ -393,6 +395,14 @@ pub struct VmConfig {
     /// Whether guest writes to the boot-timer port are logged.
     #[serde(default)]
     pub boot_timer: bool,
+    /// Bytes of VMM log (stderr) written at most; then one "log truncated"
+    /// line and nothing more.
+    #[serde(default = "default_log_max_bytes")]
+    pub log_max_bytes: u64,
+}
+
+fn default_log_max_bytes() -> u64 {
+    crate::logger::DEFAULT_MAX_BYTES
 }
 
 fn default_cmdline() -> String {
@@ -421,6 +431,7 @@ impl VmConfig {
             rng: false,
             serial: SerialConfig::default(),
             boot_timer: false,
+            log_max_bytes: default_log_max_bytes(),
         }
     }
 
@@ -500,6 +511,15 @@ impl VmConfig {
         }
         if let SerialOutput::File(path) = &self.serial.output {
             check_parent_dir("serial.output", path)?;
+        }
+        if self.log_max_bytes < MIN_LOG_MAX_BYTES {
+            return Err(invalid(
+                "log_max_bytes",
+                format!(
+                    "{} is below {MIN_LOG_MAX_BYTES} (room for the start-up lines)",
+                    self.log_max_bytes
+                ),
+            ));
         }
         Ok(())
     }
@@ -667,6 +687,9 @@ mod tests {
         cfg.cmdline = DEFAULT_CMDLINE.into();
         cfg.serial.max_bytes = 0;
         assert_eq!(field_of(cfg.validate().unwrap_err()), "serial.max_bytes");
+        cfg.serial.max_bytes = 1;
+        cfg.log_max_bytes = MIN_LOG_MAX_BYTES - 1;
+        assert_eq!(field_of(cfg.validate().unwrap_err()), "log_max_bytes");
     }
 
     #[test]

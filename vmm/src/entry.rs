@@ -27,6 +27,7 @@ pub fn main() -> ExitCode {
             return exit_code(EXIT_BAD_CONFIG);
         }
     };
+    crate::logger::set_max_bytes(config.log_max_bytes);
     if print_config {
         match serde_json::to_string_pretty(&config) {
             Ok(json) => {

@@ -17,6 +17,7 @@ pub mod event_loop;
 pub mod fuzzing;
 pub mod lifecycle;
 pub mod loader;
+pub mod log_limit;
 pub mod logger;
 pub mod machine;
 pub mod memory;

@@ -166,7 +166,11 @@ impl RateLimiter {
             // Without a timer we cannot wake up later: let it pass rather
             // than stall the device forever.
             Err(e) => {
-                log::warn!("rate limiter: cannot arm the timer ({e}); not limiting");
+                crate::limited_log!(
+                    kind = "rate-limiter timer failures",
+                    log::Level::Warn,
+                    "rate limiter: cannot arm the timer ({e}); not limiting"
+                );
                 return true;
             }
         }

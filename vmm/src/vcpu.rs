@@ -199,14 +199,22 @@ impl VcpuRunner {
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 if !self.mmio.read(addr, data) {
-                    log::debug!("vCPU {index}: read of unassigned MMIO {addr:#x}");
+                    crate::limited_log!(
+                        kind = "reads of unassigned MMIO",
+                        log::Level::Debug,
+                        "vCPU {index}: read of unassigned MMIO {addr:#x}"
+                    );
                     data.fill(0);
                 }
                 None
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 if !self.mmio.write(addr, data) {
-                    log::debug!("vCPU {index}: write to unassigned MMIO {addr:#x}");
+                    crate::limited_log!(
+                        kind = "writes to unassigned MMIO",
+                        log::Level::Debug,
+                        "vCPU {index}: write to unassigned MMIO {addr:#x}"
+                    );
                 }
                 None
             }

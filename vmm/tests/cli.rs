@@ -1,7 +1,8 @@
 //! Tests of the `vmm` binary: configuration errors exit 2 naming the field
 //! before anything is created; with /dev/kvm, tiny ELF "kernels" check the
 //! exit codes of a guest reset (0), a triple fault (1, reason on stderr) and
-//! SIGTERM (143, promptly).
+//! SIGTERM (143, promptly), and that a guest looping on the boot timer
+//! leaves a bounded log, capped by `--log-max-bytes`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -119,12 +120,24 @@ fn kvm_available() -> bool {
 }
 
 fn boot(code: &[u8], name: &str) -> (std::process::Child, PathBuf, PathBuf) {
+    boot_with(code, name, &[], "info")
+}
+
+/// Boots `code` with `extra` flags and `VMM_LOG=log_level`.
+fn boot_with(
+    code: &[u8],
+    name: &str,
+    extra: &[&str],
+    log_level: &str,
+) -> (std::process::Child, PathBuf, PathBuf) {
     let kernel = temp(&format!("{name}.elf"));
     let serial = temp(&format!("{name}.serial"));
     tiny_elf(&kernel, code);
     let child = vmm()
         .args(["--kernel", kernel.to_str().unwrap(), "--memory-mib", "32"])
         .args(["--serial", &format!("file:{}", serial.display())])
+        .args(extra)
+        .env("VMM_LOG", log_level)
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn vmm");
@@ -177,6 +190,57 @@ fn sigterm_stops_a_running_guest_promptly() {
     let took = asked.elapsed();
     assert_eq!(out.status.code(), Some(143), "{}", stderr(&out));
     assert!(took < Duration::from_secs(2), "stop took {took:?}");
+    std::fs::remove_file(kernel).unwrap();
+    std::fs::remove_file(serial).unwrap();
+}
+
+/// mov edx,0x440; mov ecx,20000; l: out dx,al; inc al; loop l; ud2
+const BOOT_TIMER_LOOP: &[u8] = &[
+    0xba, 0x40, 0x04, 0x00, 0x00, 0xb9, 0x20, 0x4e, 0x00, 0x00, 0xee, 0xfe, 0xc0, 0xe2, 0xfb, 0x0f,
+    0x0b,
+];
+
+#[test]
+fn a_guest_looping_on_the_boot_timer_writes_a_bounded_log() {
+    if !kvm_available() {
+        return;
+    }
+    let (child, kernel, serial) =
+        boot_with(BOOT_TIMER_LOOP, "timer-loop", &["--boot-timer"], "info");
+    let out = child.wait_with_output().unwrap();
+    let log = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    let marks = log.matches("boot-timer: guest mark").count();
+    assert_eq!(marks, 8, "{log}");
+    assert!(log.contains("boot-timer marks: more than 8"), "{log}");
+    assert!(log.lines().count() < 40, "{log}");
+    assert!(log.contains("triple fault"), "{log}");
+    std::fs::remove_file(kernel).unwrap();
+    std::fs::remove_file(serial).unwrap();
+}
+
+#[test]
+fn the_log_stops_at_log_max_bytes_but_keeps_the_exit_reason() {
+    if !kvm_available() {
+        return;
+    }
+    let args = ["--boot-timer", "--log-max-bytes", "1024"];
+    // Debug lines fill the 1 KiB before the guest's loop ends.
+    let (child, kernel, serial) = boot_with(BOOT_TIMER_LOOP, "log-cap", &args, "debug");
+    let out = child.wait_with_output().unwrap();
+    let log = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    let notice = log
+        .find("log truncated")
+        .unwrap_or_else(|| panic!("no truncation notice: {log}"));
+    // Whole lines up to the notice's own line.
+    let logged = log[..notice].rfind('\n').map_or(0, |end| end + 1);
+    assert!(logged <= 1024, "{logged} bytes before the notice: {log}");
+    let after = &log[notice..];
+    // The notice's line, then only the VMM's last words (not logged).
+    let mut rest = after.lines().skip(1);
+    assert!(rest.next().unwrap_or("").contains("triple fault"), "{log}");
+    assert_eq!(rest.next(), None, "{log}");
     std::fs::remove_file(kernel).unwrap();
     std::fs::remove_file(serial).unwrap();
 }

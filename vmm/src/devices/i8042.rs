@@ -116,7 +116,11 @@ impl I8042 {
             && let Some(irq) = line
             && let Err(e) = irq.trigger()
         {
-            log::warn!("i8042: cannot raise an interrupt: {e}");
+            crate::limited_log!(
+                kind = "i8042 interrupt failures",
+                log::Level::Warn,
+                "i8042: cannot raise an interrupt: {e}"
+            );
         }
     }
 
@@ -150,7 +154,11 @@ impl I8042 {
             CMD_AUX_DISABLE => self.command_byte |= CTR_AUX_DISABLE,
             CMD_AUX_ENABLE => self.command_byte &= !CTR_AUX_DISABLE,
             CMD_RESET_CPU => {
-                log::info!("i8042: guest requested a CPU reset");
+                crate::limited_log!(
+                    kind = "i8042 CPU reset requests",
+                    log::Level::Info,
+                    "i8042: guest requested a CPU reset"
+                );
                 self.exit.request(ExitReason::GuestReset);
             }
             _ => {}
@@ -164,7 +172,11 @@ impl I8042 {
             Some(CMD_WRITE_OUTPUT_PORT) => {
                 // Bit 0 of the output port is the CPU reset line (active low).
                 if value & 1 == 0 {
-                    log::info!("i8042: guest pulled the reset line");
+                    crate::limited_log!(
+                        kind = "i8042 reset-line pulls",
+                        log::Level::Info,
+                        "i8042: guest pulled the reset line"
+                    );
                     self.exit.request(ExitReason::GuestReset);
                 }
             }

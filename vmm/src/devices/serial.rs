@@ -125,9 +125,11 @@ impl BusDevice for SerialDevice {
         {
             // Lost console output must not stop the guest; count it.
             self.write_errors += 1;
-            if self.write_errors == 1 {
-                log::warn!("serial: {e:?}");
-            }
+            crate::limited_log!(
+                kind = "serial output errors",
+                log::Level::Warn,
+                "serial: {e:?}"
+            );
         }
     }
 }

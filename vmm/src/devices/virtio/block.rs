@@ -219,7 +219,11 @@ impl Block {
                 match self.read_into(offset, len, writer) {
                     Ok(()) => (VIRTIO_BLK_S_OK, len as u32),
                     Err(e) => {
-                        log::warn!("virtio-blk: read at {offset}: {e}");
+                        crate::limited_log!(
+                            kind = "virtio-blk read errors",
+                            log::Level::Warn,
+                            "virtio-blk: read at {offset}: {e}"
+                        );
                         (VIRTIO_BLK_S_IOERR, writer.bytes_written() as u32)
                     }
                 }
@@ -235,7 +239,11 @@ impl Block {
                 match self.write_from(offset, len, reader) {
                     Ok(()) => (VIRTIO_BLK_S_OK, 0),
                     Err(e) => {
-                        log::warn!("virtio-blk: write at {offset}: {e}");
+                        crate::limited_log!(
+                            kind = "virtio-blk write errors",
+                            log::Level::Warn,
+                            "virtio-blk: write at {offset}: {e}"
+                        );
                         (VIRTIO_BLK_S_IOERR, 0)
                     }
                 }
@@ -243,7 +251,11 @@ impl Block {
             VIRTIO_BLK_T_FLUSH => match self.file.sync_data() {
                 Ok(()) => (VIRTIO_BLK_S_OK, 0),
                 Err(e) => {
-                    log::warn!("virtio-blk: flush: {e}");
+                    crate::limited_log!(
+                        kind = "virtio-blk flush errors",
+                        log::Level::Warn,
+                        "virtio-blk: flush: {e}"
+                    );
                     (VIRTIO_BLK_S_IOERR, 0)
                 }
             },
@@ -329,9 +341,11 @@ impl VirtioDevice for Block {
                 Ok(written) => written,
                 Err(e) => {
                     self.malformed += 1;
-                    if self.malformed <= 8 {
-                        log::warn!("virtio-blk: dropped a malformed request: {e}");
-                    }
+                    crate::limited_log!(
+                        kind = "virtio-blk malformed requests",
+                        log::Level::Warn,
+                        "virtio-blk: dropped a malformed request: {e}"
+                    );
                     0
                 }
             }

@@ -18,9 +18,16 @@
 //! the queue index as datamatch, and the device thread handles it. A write
 //! that does arrive here is forwarded to the same eventfd.
 //!
-//! Driver mistakes (features not offered, DRIVER_OK without FEATURES_OK,
-//! queues in guest memory that does not exist) never panic: the driver's
-//! status write is refused or the device enters DEVICE_NEEDS_RESET.
+//! The status register follows the virtio device status state machine
+//! (virtio 1.2 sections 2.1 and 3.1.1; see `write_status`): bits are added
+//! only in the order ACKNOWLEDGE, DRIVER, FEATURES_OK, DRIVER_OK and cleared
+//! only by a reset, feature bits are writable only between DRIVER and
+//! FEATURES_OK, queue registers only between FEATURES_OK and DRIVER_OK, and
+//! the device is activated exactly once per reset.
+//!
+//! Driver mistakes (features not offered, steps out of order, queues in
+//! guest memory that does not exist) never panic: the driver's write is
+//! refused or the device enters DEVICE_NEEDS_RESET.
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -63,6 +70,14 @@ pub mod status {
     /// The driver gave up on the device.
     pub const FAILED: u32 = 0x80;
 }
+
+/// The status bits a driver sets during initialisation, in order.
+const INIT_SEQUENCE: [u32; 4] = [
+    status::ACKNOWLEDGE,
+    status::DRIVER,
+    status::FEATURES_OK,
+    status::DRIVER_OK,
+];
 
 /// Errors of transport construction.
 #[derive(Debug, thiserror::Error)]
@@ -159,7 +174,8 @@ impl MmioTransport {
         self.device.device_type()
     }
 
-    /// Whether the driver has set DRIVER_OK and the device is running.
+    /// Whether the driver has set DRIVER_OK and the device is running (not
+    /// stopped by an error or FAILED since).
     pub fn is_activated(&self) -> bool {
         self.activated
     }
@@ -178,11 +194,25 @@ impl MmioTransport {
     }
 
     fn fail(&mut self, error: &DeviceError) {
-        log::warn!(
+        crate::limited_log!(
+            kind = "virtio device failures",
+            log::Level::Warn,
             "virtio device {}: {error}; device needs reset",
             self.device.device_type()
         );
         self.interrupt.set_needs_reset();
+        self.stop_device();
+    }
+
+    /// Releases a running device until the driver resets it: its backend
+    /// fds leave the device thread's epoll, which is level-triggered and
+    /// would otherwise wake the thread, again and again, for host data
+    /// that a stopped device does not read.
+    fn stop_device(&mut self) {
+        if self.activated {
+            self.device.reset(&self.registrar);
+            self.activated = false;
+        }
     }
 
     fn context(&mut self) -> (&mut Box<dyn VirtioDevice>, QueueContext<'_>) {
@@ -198,10 +228,7 @@ impl MmioTransport {
     }
 
     fn reset(&mut self) {
-        if self.activated {
-            self.device.reset(&self.registrar);
-        }
-        self.activated = false;
+        self.stop_device();
         // The same sizes succeeded at construction, so this cannot fail;
         // keep the old queues (reset below) if it somehow does.
         match new_queues(self.device.as_ref()) {
@@ -241,37 +268,107 @@ impl MmioTransport {
         Ok(())
     }
 
+    /// Applies a driver write to the status register, following the
+    /// device status state machine (virtio 1.2 sections 2.1 and 3.1.1):
+    ///
+    /// * 0 resets the device (the only way to clear a bit);
+    /// * FAILED is accepted at any time; the device is stopped (as on a
+    ///   device error) until the next reset;
+    /// * otherwise the write must keep every bit already set and add bits
+    ///   only along ACKNOWLEDGE, DRIVER, FEATURES_OK, DRIVER_OK, in that
+    ///   order (several steps in one write are taken one by one); anything
+    ///   else is refused and the status stays as it was;
+    /// * FEATURES_OK is refused (the bit reads back clear) if the driver
+    ///   acked a feature the device did not offer, or not VERSION_1;
+    /// * DRIVER_OK activates the device; since no bit can be cleared short
+    ///   of a reset, that happens at most once per reset.
     fn write_status(&mut self, value: u32) {
         if value == 0 {
             self.reset();
             return;
         }
-        let mut value = value & !status::DEVICE_NEEDS_RESET;
-        let newly_set = value & !self.status;
-        if newly_set & status::FEATURES_OK != 0 && !self.features_acceptable() {
-            log::warn!(
-                "virtio device {}: driver accepted unsupported features {:#x}",
-                self.device.device_type(),
-                self.driver_features
-            );
-            value &= !status::FEATURES_OK;
+        // DEVICE_NEEDS_RESET is the device's to set: a driver writing back
+        // what it read neither sets nor clears it.
+        let value = value & !status::DEVICE_NEEDS_RESET;
+        if value == self.status {
+            return;
         }
-        if newly_set & status::DRIVER_OK != 0 {
-            if value & status::FEATURES_OK == 0 {
-                log::warn!(
-                    "virtio device {}: DRIVER_OK without FEATURES_OK",
-                    self.device.device_type()
+        if value & status::FAILED != 0 {
+            self.status |= status::FAILED;
+            self.stop_device();
+            return;
+        }
+        if let Err(why) = self.check_transition(value) {
+            crate::limited_log!(
+                kind = "virtio-mmio refused status writes",
+                log::Level::Warn,
+                "virtio device {}: status {:#x} -> {value:#x} refused: {why}",
+                self.device.device_type(),
+                self.status
+            );
+            return;
+        }
+        for bit in INIT_SEQUENCE {
+            if value & bit == 0 || self.status & bit != 0 {
+                continue;
+            }
+            if bit == status::FEATURES_OK && !self.features_acceptable() {
+                crate::limited_log!(
+                    kind = "virtio-mmio refused feature sets",
+                    log::Level::Warn,
+                    "virtio device {}: driver accepted unsupported features {:#x}",
+                    self.device.device_type(),
+                    self.driver_features
                 );
-                value &= !status::DRIVER_OK;
-            } else if let Err(e) = self.activate() {
+                return;
+            }
+            self.status |= bit;
+            if bit == status::DRIVER_OK
+                && !self.activated
+                && let Err(e) = self.activate()
+            {
                 self.fail(&e);
             }
         }
-        self.status = value;
     }
 
+    /// Whether `value` is a legal next status from the current one (FAILED
+    /// and reset aside).
+    fn check_transition(&self, value: u32) -> Result<(), &'static str> {
+        if self.status & status::FAILED != 0 {
+            return Err("the driver set FAILED; only a reset is accepted");
+        }
+        if value & self.status != self.status {
+            return Err("a status bit can only be cleared by a reset (writing 0)");
+        }
+        let mut prefix = 0;
+        for bit in INIT_SEQUENCE {
+            prefix |= bit;
+            if value == prefix {
+                return Ok(());
+            }
+        }
+        Err("not a step of ACKNOWLEDGE, DRIVER, FEATURES_OK, DRIVER_OK in order")
+    }
+
+    /// Whether the device is running and not stopped by an error or by the
+    /// driver giving up.
+    fn serving(&self) -> bool {
+        self.activated && !self.interrupt.needs_reset() && self.status & status::FAILED == 0
+    }
+
+    /// DriverFeatures may be written between DRIVER and FEATURES_OK only
+    /// (virtio 1.2 section 3.1.1 step 4): what FEATURES_OK checked stays
+    /// what the device is activated with.
+    fn features_writable(&self) -> bool {
+        self.status == status::ACKNOWLEDGE | status::DRIVER
+    }
+
+    /// The queue registers (QueueSel aside, a mere selector) may be written
+    /// between FEATURES_OK and DRIVER_OK only (virtio 1.2 section 3.1.1
+    /// step 7, 4.2.3.2).
     fn queue_config_writable(&self) -> bool {
-        self.status & status::DRIVER_OK == 0
+        self.status == status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK
     }
 
     fn read_register(&self, offset: u64) -> u32 {
@@ -297,9 +394,10 @@ impl MmioTransport {
 
     fn write_register(&mut self, offset: u64, value: u32) {
         let queue_writable = self.queue_config_writable();
+        let features_writable = self.features_writable();
         match offset {
             0x14 => self.device_features_select = value,
-            0x20 => match self.driver_features_select {
+            0x20 if features_writable => match self.driver_features_select {
                 0 => {
                     self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(value)
                 }
@@ -310,6 +408,7 @@ impl MmioTransport {
                 _ => {}
             },
             0x24 => self.driver_features_select = value,
+            // A selector only: harmless in any state.
             0x30 => self.queue_select = value,
             0x38 if queue_writable => {
                 if let (Some(queue), Ok(size)) = (self.selected_queue(), u16::try_from(value)) {
@@ -325,7 +424,11 @@ impl MmioTransport {
                 Some(event) => {
                     let _ = event.write(1);
                 }
-                None => log::debug!("virtio: notify of unknown queue {value}"),
+                None => crate::limited_log!(
+                    kind = "virtio-mmio notifies of unknown queues",
+                    log::Level::Debug,
+                    "virtio: notify of unknown queue {value}"
+                ),
             },
             0x64 => self.interrupt.acknowledge(value),
             0x70 => self.write_status(value),
@@ -344,7 +447,11 @@ impl MmioTransport {
                     _ => queue.set_used_ring_address(low, high),
                 }
             }
-            _ => log::debug!("virtio-mmio: ignored write of {value:#x} at {offset:#x}"),
+            _ => crate::limited_log!(
+                kind = "virtio-mmio ignored register writes",
+                log::Level::Debug,
+                "virtio-mmio: ignored write of {value:#x} at {offset:#x}"
+            ),
         }
     }
 }
@@ -378,14 +485,14 @@ impl EventHandler for MmioTransport {
                 // EAGAIN: already drained by an earlier wakeup.
                 let _ = event.read();
             }
-            if !self.activated || self.interrupt.needs_reset() || index >= self.queues.len() {
+            if !self.serving() || index >= self.queues.len() {
                 return;
             }
             let (device, mut ctx) = self.context();
             if let Err(e) = device.queue_notified(index, &mut ctx) {
                 self.fail(&e);
             }
-        } else if self.activated && !self.interrupt.needs_reset() {
+        } else if self.serving() {
             let (device, mut ctx) = self.context();
             if let Err(e) = device.backend_event(sub, events, &mut ctx) {
                 self.fail(&e);
@@ -401,10 +508,12 @@ mod tests {
     use std::sync::Mutex;
     use vm_memory::GuestAddress;
 
-    /// A device that records notifications.
+    /// A device that records notifications, activations and resets.
     struct Probe {
         notified: Arc<Mutex<Vec<usize>>>,
         activated: Arc<Mutex<Option<u64>>>,
+        activations: Arc<Mutex<u32>>,
+        resets: Arc<Mutex<u32>>,
     }
 
     impl VirtioDevice for Probe {
@@ -422,6 +531,7 @@ mod tests {
         }
         fn activate(&mut self, features: u64, _: &mut QueueContext<'_>) -> Result<(), DeviceError> {
             *self.activated.lock().unwrap() = Some(features);
+            *self.activations.lock().unwrap() += 1;
             Ok(())
         }
         fn queue_notified(
@@ -429,8 +539,14 @@ mod tests {
             queue: usize,
             _: &mut QueueContext<'_>,
         ) -> Result<(), DeviceError> {
+            if queue == 1 {
+                return Err(DeviceError::Backend("queue 1 always fails".into()));
+            }
             self.notified.lock().unwrap().push(queue);
             Ok(())
+        }
+        fn reset(&mut self, _: &Registrar) {
+            *self.resets.lock().unwrap() += 1;
         }
     }
 
@@ -438,6 +554,8 @@ mod tests {
         transport: MmioTransport,
         notified: Arc<Mutex<Vec<usize>>>,
         activated: Arc<Mutex<Option<u64>>>,
+        activations: Arc<Mutex<u32>>,
+        resets: Arc<Mutex<u32>>,
         _event_loop: EventLoop,
     }
 
@@ -447,9 +565,13 @@ mod tests {
         let registrar = event_loop.registrar();
         let notified = Arc::new(Mutex::new(Vec::new()));
         let activated = Arc::new(Mutex::new(None));
+        let activations = Arc::new(Mutex::new(0));
+        let resets = Arc::new(Mutex::new(0));
         let device = Probe {
             notified: notified.clone(),
             activated: activated.clone(),
+            activations: activations.clone(),
+            resets: resets.clone(),
         };
         let interrupt = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
         let transport = MmioTransport::new(Box::new(device), mem, interrupt, registrar).unwrap();
@@ -457,6 +579,8 @@ mod tests {
             transport,
             notified,
             activated,
+            activations,
+            resets,
             _event_loop: event_loop,
         }
     }
@@ -471,10 +595,24 @@ mod tests {
         t.write(offset, &value.to_le_bytes());
     }
 
-    fn negotiate(t: &mut MmioTransport, features_high: u32) {
-        write32(t, 0x70, status::ACKNOWLEDGE | status::DRIVER);
+    const ACK_DRIVER: u32 = status::ACKNOWLEDGE | status::DRIVER;
+    const ACK_DRIVER_FEATURES: u32 = ACK_DRIVER | status::FEATURES_OK;
+    const ALL_OK: u32 = ACK_DRIVER_FEATURES | status::DRIVER_OK;
+
+    fn write_features(t: &mut MmioTransport, features: u64) {
+        write32(t, 0x24, 0);
+        write32(t, 0x20, features as u32);
         write32(t, 0x24, 1);
-        write32(t, 0x20, features_high);
+        write32(t, 0x20, (features >> 32) as u32);
+    }
+
+    fn negotiate(t: &mut MmioTransport, features_high: u32) {
+        negotiate_features(t, u64::from(features_high) << 32);
+    }
+
+    fn negotiate_features(t: &mut MmioTransport, features: u64) {
+        write32(t, 0x70, status::ACKNOWLEDGE | status::DRIVER);
+        write_features(t, features);
         write32(
             t,
             0x70,
@@ -536,10 +674,8 @@ mod tests {
     fn unsupported_features_refuse_features_ok() {
         let mut f = fixture();
         let t = &mut f.transport;
-        write32(t, 0x24, 0);
-        write32(t, 0x20, 0x2); // bit 1 not offered
-        negotiate(t, 1);
-        assert_eq!(read32(t, 0x70) & status::FEATURES_OK, 0);
+        negotiate_features(t, VIRTIO_F_VERSION_1 | 0x2); // bit 1 not offered
+        assert_eq!(read32(t, 0x70), ACK_DRIVER, "FEATURES_OK reads back clear");
         // Without VERSION_1 it is refused too.
         write32(t, 0x70, 0);
         negotiate(t, 0);
@@ -567,5 +703,221 @@ mod tests {
         setup_queue(t, 0, 0x10000);
         write32(t, 0x70, 0xf);
         assert!(t.is_activated());
+    }
+
+    /// A device activated with queue 0 at 0x10000.
+    fn activated_fixture() -> Fixture {
+        let mut f = fixture();
+        let t = &mut f.transport;
+        negotiate(t, 1);
+        setup_queue(t, 0, 0x10000);
+        write32(t, 0x70, ALL_OK);
+        assert!(t.is_activated());
+        f
+    }
+
+    #[test]
+    fn clearing_status_bits_without_a_reset_is_refused() {
+        let mut f = activated_fixture();
+        let t = &mut f.transport;
+        for value in [
+            status::ACKNOWLEDGE,
+            ACK_DRIVER,
+            ACK_DRIVER_FEATURES,
+            status::DRIVER_OK,
+        ] {
+            write32(t, 0x70, value);
+            assert_eq!(read32(t, 0x70), ALL_OK, "write of {value:#x}");
+        }
+        // The queue registers stay frozen and the device stays active.
+        write32(t, 0x30, 0);
+        write32(t, 0x44, 0);
+        write32(t, 0x80, 0x20000);
+        assert_eq!(read32(t, 0x44), 1);
+        assert_eq!(t.queues[0].desc_table(), 0x10000);
+        assert!(t.is_activated());
+        write32(t, 0x50, 0);
+        t.handle_event(0, EventSet::IN);
+        assert_eq!(*f.notified.lock().unwrap(), vec![0]);
+    }
+
+    #[test]
+    fn a_second_driver_ok_does_not_activate_again() {
+        let mut f = activated_fixture();
+        let t = &mut f.transport;
+        write32(t, 0x70, ALL_OK);
+        // Cleared and set again: the clearing is refused, so is nothing new.
+        write32(t, 0x70, ACK_DRIVER_FEATURES);
+        write32(t, 0x70, ALL_OK);
+        write32(t, 0x70, ALL_OK | status::DEVICE_NEEDS_RESET);
+        assert_eq!(*f.activations.lock().unwrap(), 1);
+        assert_eq!(read32(t, 0x70), ALL_OK);
+    }
+
+    #[test]
+    fn features_written_after_features_ok_are_ignored() {
+        let mut f = fixture();
+        let t = &mut f.transport;
+        negotiate(t, 1);
+        assert_eq!(read32(t, 0x70), ACK_DRIVER_FEATURES);
+        // Not offered (bit 1) and VERSION_1 withdrawn: both too late.
+        write_features(t, 0x2);
+        setup_queue(t, 0, 0x10000);
+        write32(t, 0x70, ALL_OK);
+        assert!(t.is_activated());
+        assert_eq!(*f.activated.lock().unwrap(), Some(VIRTIO_F_VERSION_1));
+        // Nor after DRIVER_OK.
+        write_features(t, 0x3);
+        assert_eq!(t.driver_features, VIRTIO_F_VERSION_1);
+    }
+
+    #[test]
+    fn features_written_before_driver_are_ignored() {
+        let mut f = fixture();
+        let t = &mut f.transport;
+        write_features(t, VIRTIO_F_VERSION_1);
+        write32(t, 0x70, status::ACKNOWLEDGE);
+        write_features(t, VIRTIO_F_VERSION_1);
+        write32(t, 0x70, ACK_DRIVER);
+        write32(t, 0x70, ACK_DRIVER_FEATURES);
+        assert_eq!(read32(t, 0x70), ACK_DRIVER, "no VERSION_1 was accepted");
+    }
+
+    #[test]
+    fn skipped_or_out_of_order_steps_are_refused() {
+        let mut f = fixture();
+        let t = &mut f.transport;
+        for value in [
+            status::DRIVER,
+            status::FEATURES_OK,
+            status::DRIVER_OK,
+            status::ACKNOWLEDGE | status::FEATURES_OK,
+            status::ACKNOWLEDGE | status::DRIVER_OK,
+            0x10,
+        ] {
+            write32(t, 0x70, value);
+            assert_eq!(read32(t, 0x70), 0, "write of {value:#x}");
+        }
+        write32(t, 0x70, status::ACKNOWLEDGE);
+        write32(t, 0x70, status::ACKNOWLEDGE | status::FEATURES_OK);
+        assert_eq!(read32(t, 0x70), status::ACKNOWLEDGE);
+        write32(t, 0x24, 1);
+        write32(t, 0x70, ACK_DRIVER);
+        write32(t, 0x20, 1);
+        // DRIVER_OK before FEATURES_OK.
+        write32(t, 0x70, ACK_DRIVER | status::DRIVER_OK);
+        assert_eq!(read32(t, 0x70), ACK_DRIVER);
+        assert!(!t.is_activated());
+        // Several steps in one write are taken in order.
+        write32(t, 0x70, ALL_OK);
+        assert!(t.is_activated());
+        assert_eq!(read32(t, 0x70), ALL_OK);
+    }
+
+    #[test]
+    fn queue_registers_are_writable_between_features_ok_and_driver_ok_only() {
+        let mut f = fixture();
+        let t = &mut f.transport;
+        write32(t, 0x70, ACK_DRIVER);
+        write32(t, 0x24, 1);
+        write32(t, 0x20, 1);
+        // Before FEATURES_OK: ignored.
+        setup_queue(t, 0, 0x10000);
+        assert_eq!(read32(t, 0x44), 0);
+        write32(t, 0x70, ACK_DRIVER_FEATURES);
+        setup_queue(t, 0, 0x10000);
+        assert_eq!(read32(t, 0x44), 1);
+        write32(t, 0x70, ALL_OK);
+        assert!(t.is_activated());
+    }
+
+    #[test]
+    fn failed_is_accepted_any_time_and_stops_the_device_until_reset() {
+        let mut f = activated_fixture();
+        let t = &mut f.transport;
+        write32(t, 0x70, ALL_OK | status::FAILED);
+        assert_eq!(read32(t, 0x70), ALL_OK | status::FAILED);
+        assert_eq!(*f.resets.lock().unwrap(), 1, "the backend is released");
+        assert!(!t.is_activated());
+        write32(t, 0x50, 0);
+        t.handle_event(0, EventSet::IN);
+        assert!(f.notified.lock().unwrap().is_empty(), "served after FAILED");
+        // Only a reset leaves FAILED.
+        write32(t, 0x70, ALL_OK);
+        assert_eq!(read32(t, 0x70), ALL_OK | status::FAILED);
+        write32(t, 0x70, 0);
+        assert_eq!(read32(t, 0x70), 0);
+        assert_eq!(*f.resets.lock().unwrap(), 1, "released once");
+        // FAILED from the very start too.
+        write32(t, 0x70, status::FAILED);
+        assert_eq!(read32(t, 0x70), status::FAILED);
+        write32(t, 0x70, status::ACKNOWLEDGE);
+        assert_eq!(read32(t, 0x70), status::FAILED);
+    }
+
+    #[test]
+    fn a_reset_allows_exactly_one_new_activation() {
+        let mut f = activated_fixture();
+        let t = &mut f.transport;
+        write32(t, 0x70, 0);
+        assert!(!t.is_activated());
+        assert_eq!(read32(t, 0x70), 0);
+        negotiate(t, 1);
+        setup_queue(t, 0, 0x10000);
+        write32(t, 0x70, ALL_OK);
+        write32(t, 0x70, ALL_OK);
+        assert!(t.is_activated());
+        assert_eq!(*f.activations.lock().unwrap(), 2);
+        write32(t, 0x50, 0);
+        t.handle_event(0, EventSet::IN);
+        assert_eq!(*f.notified.lock().unwrap(), vec![0]);
+    }
+
+    #[test]
+    fn a_driver_looping_on_bad_status_writes_logs_a_bounded_number_of_lines() {
+        let mut f = fixture();
+        let t = &mut f.transport;
+        let lines = crate::logger::capture_lines(|| {
+            for _ in 0..10_000 {
+                write32(t, 0x70, status::DRIVER_OK);
+            }
+        });
+        assert!(
+            lines.len() as u64 <= crate::log_limit::DEFAULT_BURST + 1,
+            "{} lines",
+            lines.len()
+        );
+    }
+
+    #[test]
+    fn a_device_error_stops_the_device_until_the_driver_resets_it() {
+        let mut f = fixture();
+        let t = &mut f.transport;
+        negotiate(t, 1);
+        setup_queue(t, 0, 0x10000);
+        setup_queue(t, 1, 0x20000);
+        write32(t, 0x70, ALL_OK);
+        write32(t, 0x50, 1);
+        t.handle_event(1, EventSet::IN);
+        assert_ne!(read32(t, 0x70) & status::DEVICE_NEEDS_RESET, 0);
+        assert!(!t.is_activated());
+        assert_eq!(*f.resets.lock().unwrap(), 1, "the backend is released");
+        write32(t, 0x50, 0);
+        t.handle_event(0, EventSet::IN);
+        assert!(
+            f.notified.lock().unwrap().is_empty(),
+            "served after an error"
+        );
+        // Writing the status back (NEEDS_RESET included) changes nothing.
+        let status = read32(t, 0x70);
+        write32(t, 0x70, status);
+        assert_eq!(*f.activations.lock().unwrap(), 1);
+        write32(t, 0x70, 0);
+        assert_eq!(*f.resets.lock().unwrap(), 1, "released once");
+        negotiate(t, 1);
+        setup_queue(t, 0, 0x10000);
+        write32(t, 0x70, ALL_OK);
+        assert!(t.is_activated());
+        assert_eq!(*f.activations.lock().unwrap(), 2);
     }
 }

@@ -70,7 +70,11 @@ impl Interrupt {
     fn raise(&self, bit: u32) {
         self.status.fetch_or(bit, Ordering::SeqCst);
         if let Err(e) = self.irq.write(1) {
-            log::warn!("virtio: cannot raise interrupt: {e}");
+            crate::limited_log!(
+                kind = "virtio interrupt failures",
+                log::Level::Warn,
+                "virtio: cannot raise interrupt: {e}"
+            );
         }
     }
 
@@ -141,7 +145,9 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes the device config space (read-only for most devices).
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        log::debug!(
+        crate::limited_log!(
+            kind = "virtio ignored config writes",
+            log::Level::Debug,
             "virtio device {}: ignored config write of {} bytes at {offset:#x}",
             self.device_type(),
             data.len()

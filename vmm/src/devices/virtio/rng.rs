@@ -50,14 +50,22 @@ impl Rng {
         let mut writer: Writer<'_> = match chain.writer(mem) {
             Ok(writer) => writer,
             Err(e) => {
-                log::warn!("virtio-rng: dropped a malformed request: {e}");
+                crate::limited_log!(
+                    kind = "virtio-rng malformed requests",
+                    log::Level::Warn,
+                    "virtio-rng: dropped a malformed request: {e}"
+                );
                 return 0;
             }
         };
         let len = writer.available_bytes().min(MAX_REQUEST);
         let chunk = &mut self.buffer[..len];
         if let Err(e) = getrandom::fill(chunk) {
-            log::warn!("virtio-rng: getrandom failed: {e}");
+            crate::limited_log!(
+                kind = "virtio-rng getrandom failures",
+                log::Level::Warn,
+                "virtio-rng: getrandom failed: {e}"
+            );
             return 0;
         }
         if writer.write_all(chunk).is_err() {

@@ -157,7 +157,11 @@ impl Net {
                 registrar.remove(limiter.timer_fd())
             };
             if let Err(e) = result {
-                log::warn!("virtio-net: cannot update a rate-limiter timer watch: {e}");
+                crate::limited_log!(
+                    kind = "virtio-net timer watch failures",
+                    log::Level::Warn,
+                    "virtio-net: cannot update a rate-limiter timer watch: {e}"
+                );
             }
         }
     }
@@ -179,7 +183,11 @@ impl Net {
         };
         match result {
             Ok(()) => self.watching_tap = watch,
-            Err(e) => log::warn!("virtio-net: cannot update tap watch: {e}"),
+            Err(e) => crate::limited_log!(
+                kind = "virtio-net tap watch failures",
+                log::Level::Warn,
+                "virtio-net: cannot update tap watch: {e}"
+            ),
         }
     }
 
@@ -199,13 +207,21 @@ impl Net {
             return false;
         }
         if let Err(e) = header::check_tx(packet, self.tx_offloads) {
-            log::debug!("virtio-net: TX frame dropped: {e}");
+            crate::limited_log!(
+                kind = "virtio-net dropped TX frames",
+                log::Level::Debug,
+                "virtio-net: TX frame dropped: {e}"
+            );
             return false;
         }
         match self.backend.write_frame(packet) {
             Ok(()) => true,
             Err(e) => {
-                log::debug!("virtio-net: tap write: {e}");
+                crate::limited_log!(
+                    kind = "virtio-net tap write errors",
+                    log::Level::Debug,
+                    "virtio-net: tap write: {e}"
+                );
                 false
             }
         }
@@ -251,7 +267,11 @@ impl Net {
                 Ok(len) => len,
                 Err(e) => {
                     if e.kind() != io::ErrorKind::WouldBlock {
-                        log::warn!("virtio-net: tap read: {e}");
+                        crate::limited_log!(
+                            kind = "virtio-net tap read errors",
+                            log::Level::Warn,
+                            "virtio-net: tap read: {e}"
+                        );
                     }
                     return None;
                 }
@@ -259,10 +279,18 @@ impl Net {
             if len <= MAX_PACKET {
                 match header::prepare_rx(&mut self.rx_frame[..len], self.rx_offloads) {
                     Ok(()) => return Some(len),
-                    Err(e) => log::debug!("virtio-net: RX frame dropped: {e}"),
+                    Err(e) => crate::limited_log!(
+                        kind = "virtio-net dropped RX frames",
+                        log::Level::Debug,
+                        "virtio-net: RX frame dropped: {e}"
+                    ),
                 }
             } else {
-                log::debug!("virtio-net: RX frame dropped: longer than {MAX_FRAME} bytes");
+                crate::limited_log!(
+                    kind = "virtio-net oversized RX frames",
+                    log::Level::Debug,
+                    "virtio-net: RX frame dropped: longer than {MAX_FRAME} bytes"
+                );
             }
             self.counters.dropped += 1;
         }
@@ -353,7 +381,11 @@ impl Net {
                 && let Err(e) = writer.write_all(part)
             {
                 // The writer checked the memory: not expected.
-                log::warn!("virtio-net: writing an RX buffer: {e}");
+                crate::limited_log!(
+                    kind = "virtio-net RX buffer errors",
+                    log::Level::Warn,
+                    "virtio-net: writing an RX buffer: {e}"
+                );
             }
             cursor.add_used(buffer.head, n as u32)?;
         }
@@ -432,7 +464,11 @@ impl VirtioDevice for Net {
         if let Err(e) = self.backend.set_offloads(tun_flags) {
             // The tap keeps handing us plain frames, which every driver
             // takes: slower, not wrong.
-            log::warn!("virtio-net: cannot set tap offloads {tun_flags:#x}: {e}");
+            crate::limited_log!(
+                kind = "virtio-net tap offload failures",
+                log::Level::Warn,
+                "virtio-net: cannot set tap offloads {tun_flags:#x}: {e}"
+            );
         }
         self.set_watch(ctx.registrar, true);
         self.watch_timers(ctx.registrar, true);

@@ -76,9 +76,11 @@ impl Vsock {
             Ok(packet) => packet,
             Err(e) => {
                 self.malformed += 1;
-                if self.malformed <= 16 {
-                    log::warn!("vsock: dropped a malformed TX chain: {e}");
-                }
+                crate::limited_log!(
+                    kind = "vsock malformed TX chains",
+                    log::Level::Warn,
+                    "vsock: dropped a malformed TX chain: {e}"
+                );
                 return;
             }
         };
@@ -141,9 +143,11 @@ impl Vsock {
                 }
                 Err(e) => {
                     self.malformed += 1;
-                    if self.malformed <= 16 {
-                        log::warn!("vsock: unusable RX buffer: {e}");
-                    }
+                    crate::limited_log!(
+                        kind = "vsock unusable RX buffers",
+                        log::Level::Warn,
+                        "vsock: unusable RX buffer: {e}"
+                    );
                     ChainOutcome::Used(0)
                 }
             }

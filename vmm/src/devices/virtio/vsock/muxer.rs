@@ -16,7 +16,10 @@
 //! destination the host, type STREAM; unknown connections get RST; data
 //! beyond the advertised credit resets the connection. Nothing the guest
 //! sends can make the muxer block, panic or grow without bound
-//! ([`MAX_CONNECTIONS`], per-connection buffers).
+//! ([`MAX_CONNECTIONS`], [`MAX_PENDING_RESETS`], per-connection buffers):
+//! `rx_queue` holds each connection at most once and at most
+//! [`MAX_PENDING_RESETS`] resets; a reset beyond that is dropped and
+//! counted (a guest that posts no RX buffers cannot take it anyway).
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
@@ -36,6 +39,9 @@ use crate::event_loop::Registrar;
 pub const LISTENER_TOKEN: u32 = FIRST_BACKEND_TOKEN;
 /// Connections (including not-yet-CONNECTed clients) at most.
 pub const MAX_CONNECTIONS: usize = 1024;
+/// Resets for unknown connections waiting for the guest's RX buffers at
+/// most; further ones are dropped (and counted).
+pub const MAX_PENDING_RESETS: usize = 256;
 /// Longest `CONNECT <port>\n` line accepted.
 const MAX_CONNECT_LINE: usize = 32;
 /// First host port handed out to host-initiated connections.
@@ -94,6 +100,10 @@ pub struct Muxer {
     clients: HashMap<u32, PendingClient>,
     targets: HashMap<u32, Target>,
     rx_queue: VecDeque<RxItem>,
+    /// `RxItem::Reset` entries in `rx_queue`.
+    pending_resets: usize,
+    /// Resets not queued because [`MAX_PENDING_RESETS`] were waiting.
+    dropped_resets: u64,
     next_token: u32,
     next_local_port: u32,
     dropped_packets: u64,
@@ -148,6 +158,8 @@ impl Muxer {
             clients: HashMap::new(),
             targets: HashMap::new(),
             rx_queue: VecDeque::new(),
+            pending_resets: 0,
+            dropped_resets: 0,
             next_token: LISTENER_TOKEN + 1,
             next_local_port: FIRST_LOCAL_PORT,
             dropped_packets: 0,
@@ -165,12 +177,26 @@ impl Muxer {
         self.dropped_packets
     }
 
+    /// Resets for unknown connections waiting for guest RX buffers.
+    pub fn pending_resets(&self) -> usize {
+        self.pending_resets
+    }
+
+    /// Resets dropped because [`MAX_PENDING_RESETS`] were already waiting.
+    pub fn dropped_resets(&self) -> u64 {
+        self.dropped_resets
+    }
+
     /// Starts accepting host clients.
     pub fn activate(&mut self, registrar: &Registrar) {
         if !self.listening {
             match registrar.add(self.listener.as_raw_fd(), LISTENER_TOKEN, EventSet::IN) {
                 Ok(()) => self.listening = true,
-                Err(e) => log::error!("vsock: cannot watch the listener: {e}"),
+                Err(e) => crate::limited_log!(
+                    kind = "vsock listener watch failures",
+                    log::Level::Error,
+                    "vsock: cannot watch the listener: {e}"
+                ),
             }
         }
     }
@@ -191,6 +217,7 @@ impl Muxer {
         }
         self.targets.clear();
         self.rx_queue.clear();
+        self.pending_resets = 0;
     }
 
     fn allocate_token(&mut self) -> u32 {
@@ -243,7 +270,11 @@ impl Muxer {
         };
         match result {
             Ok(()) => conn.interest = wanted,
-            Err(e) => log::warn!("vsock: epoll update failed: {e}"),
+            Err(e) => crate::limited_log!(
+                kind = "vsock epoll update failures",
+                log::Level::Warn,
+                "vsock: epoll update failed: {e}"
+            ),
         }
     }
 
@@ -268,11 +299,30 @@ impl Muxer {
         self.enqueue(key);
     }
 
+    /// Queues a reset answering `header` (a packet for no connection),
+    /// unless [`MAX_PENDING_RESETS`] already wait: then it is dropped.
+    fn queue_reset(&mut self, header: &Header) {
+        if self.pending_resets >= MAX_PENDING_RESETS {
+            self.dropped_resets += 1;
+            crate::limited_log!(
+                kind = "vsock dropped resets",
+                log::Level::Warn,
+                "vsock: {MAX_PENDING_RESETS} resets already wait for guest RX buffers; \
+                 dropped the reset for {header:?}"
+            );
+            return;
+        }
+        self.pending_resets += 1;
+        self.rx_queue.push_back(RxItem::Reset(reset_for(header)));
+    }
+
     fn drop_packet(&mut self, why: &str, header: &Header) {
         self.dropped_packets += 1;
-        if self.dropped_packets <= 16 {
-            log::warn!("vsock: dropped guest packet ({why}): {header:?}");
-        }
+        crate::limited_log!(
+            kind = "vsock dropped guest packets",
+            log::Level::Warn,
+            "vsock: dropped guest packet ({why}): {header:?}"
+        );
     }
 
     /// Handles one packet from the guest (TX queue).
@@ -285,7 +335,7 @@ impl Muxer {
         }
         if header.kind != TYPE_STREAM {
             if header.op != op::RST {
-                self.rx_queue.push_back(RxItem::Reset(reset_for(header)));
+                self.queue_reset(header);
             }
             return;
         }
@@ -294,7 +344,7 @@ impl Muxer {
             match header.op {
                 op::REQUEST => self.guest_connect(header, registrar),
                 op::RST => {}
-                _ => self.rx_queue.push_back(RxItem::Reset(reset_for(header))),
+                _ => self.queue_reset(header),
             }
             return;
         }
@@ -328,7 +378,11 @@ impl Muxer {
             (other, state) => Err(format!("op {other} in state {state:?}")),
         };
         if let Err(reason) = outcome {
-            log::debug!("vsock: resetting {key:?}: {reason}");
+            crate::limited_log!(
+                kind = "vsock connection resets",
+                log::Level::Debug,
+                "vsock: resetting {key:?}: {reason}"
+            );
             self.abort(key, registrar);
             return;
         }
@@ -339,16 +393,25 @@ impl Muxer {
     fn guest_connect(&mut self, header: &Header, registrar: &Registrar) {
         let key = (header.dst_port, header.src_port);
         if self.live_count() >= MAX_CONNECTIONS {
-            log::warn!("vsock: connection limit reached, refusing {key:?}");
-            self.rx_queue.push_back(RxItem::Reset(reset_for(header)));
+            crate::limited_log!(
+                kind = "vsock refused guest connections",
+                log::Level::Warn,
+                "vsock: connection limit reached, refusing {key:?}"
+            );
+            self.queue_reset(header);
             return;
         }
         let path = PathBuf::from(format!("{}_{}", self.uds_path.display(), header.dst_port));
         let stream = match connect_nonblocking(&path) {
             Ok(stream) => stream,
             Err(e) => {
-                log::debug!("vsock: guest connect to {} refused: {e}", path.display());
-                self.rx_queue.push_back(RxItem::Reset(reset_for(header)));
+                crate::limited_log!(
+                    kind = "vsock failed guest connects",
+                    log::Level::Debug,
+                    "vsock: guest connect to {} refused: {e}",
+                    path.display()
+                );
+                self.queue_reset(header);
                 return;
             }
         };
@@ -385,7 +448,10 @@ impl Muxer {
     ) -> Option<Header> {
         while let Some(item) = self.rx_queue.pop_front() {
             let key = match item {
-                RxItem::Reset(header) => return Some(header),
+                RxItem::Reset(header) => {
+                    self.pending_resets -= 1;
+                    return Some(header);
+                }
                 RxItem::Connection(key) => key,
             };
             let Some(conn) = self.connections.get_mut(&key) else {
@@ -438,12 +504,20 @@ impl Muxer {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    log::warn!("vsock: accept failed: {e}");
+                    crate::limited_log!(
+                        kind = "vsock accept failures",
+                        log::Level::Warn,
+                        "vsock: accept failed: {e}"
+                    );
                     return;
                 }
             };
             if self.live_count() >= MAX_CONNECTIONS || stream.set_nonblocking(true).is_err() {
-                log::warn!("vsock: refusing a host client (limit reached)");
+                crate::limited_log!(
+                    kind = "vsock refused host clients",
+                    log::Level::Warn,
+                    "vsock: refusing a host client (limit reached)"
+                );
                 continue;
             }
             let token = self.allocate_token();
@@ -489,7 +563,11 @@ impl Muxer {
             }
         };
         let Some(peer_port) = port else {
-            log::debug!("vsock: host client sent a malformed CONNECT line");
+            crate::limited_log!(
+                kind = "vsock malformed CONNECT lines",
+                log::Level::Debug,
+                "vsock: host client sent a malformed CONNECT line"
+            );
             return self.drop_client(token, registrar);
         };
         let Some(client) = self.clients.remove(&token) else {

@@ -265,3 +265,33 @@ fn socket_file_is_removed_with_the_muxer() {
     ));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_flood_of_bogus_packets_without_rx_buffers_keeps_the_reset_queue_at_its_cap() {
+    let mut f = fixture("rst-flood");
+    // Data for connections that do not exist, non-stream packets and
+    // connects to ports nobody listens on: each asks for a reset, and the
+    // guest posts no RX buffer to take them.
+    for i in 0..20_000u32 {
+        let mut header = guest(op::RW, i, 52);
+        match i % 3 {
+            0 => {}
+            1 => header.kind = 2,
+            _ => header.op = op::REQUEST,
+        }
+        f.send(header, b"x");
+    }
+    assert_eq!(f.muxer.pending_resets(), MAX_PENDING_RESETS);
+    assert_eq!(f.muxer.rx_queue.len(), MAX_PENDING_RESETS);
+    assert_eq!(f.muxer.dropped_resets(), 20_000 - MAX_PENDING_RESETS as u64);
+    // The queued ones drain in order; then new resets are queued again.
+    let mut drained = 0;
+    while let Some((h, _)) = f.recv() {
+        assert_eq!(h.op, op::RST);
+        drained += 1;
+    }
+    assert_eq!(drained, MAX_PENDING_RESETS);
+    assert_eq!(f.muxer.pending_resets(), 0);
+    f.send(guest(op::RW, 1, 52), b"x");
+    assert_eq!(f.recv().unwrap().0.op, op::RST);
+}
