@@ -13,9 +13,16 @@
 //! `pump` reads live, and ttyS2 carries the L1's heartbeat to
 //! `heartbeat.log` (see `heartbeat`: a silent beat ends a frozen L1 early).
 //! The L1 has no network device.
+//!
+//! The L1 kernel also reports every triple fault of an L2 guest on its
+//! console (see [`L2_SHUTDOWN_WATCH`]), whatever the scenario prints; the
+//! harness counts them (`run`). QEMU dies with the harness process, by any
+//! signal (see [`qemu_command`]'s `PR_SET_PDEATHSIG`), and its pid is in
+//! the work directory's [`QEMU_PID_FILE`].
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::heartbeat;
@@ -35,6 +42,10 @@ pub const SPONTANEOUS_END: &str = "the L1 powered off before the scenario finish
 /// Modules every L1 loads: KVM on emulated SVM, and virtio disks for assets.
 const BASE_MODULES: &[&str] = &["kvm_amd", "virtio_pci", "virtio_blk"];
 
+/// The file in the work directory that holds the running QEMU's pid (kept
+/// after it ends, for whoever looks into a run from outside).
+pub const QEMU_PID_FILE: &str = "qemu.pid";
+
 /// The result of one L1 run, before it is wrapped into an `Outcome`.
 pub struct NestedRun {
     /// How it ended.
@@ -43,6 +54,9 @@ pub struct NestedRun {
     pub output: String,
     /// Phase timings (total filled by the caller).
     pub timings: Timings,
+    /// How many times an L2 guest triple-faulted in this L1, as its kernel
+    /// reported on the console ([`crate::run::l2_triple_faults`]).
+    pub l2_triple_faults: u32,
 }
 
 /// Boots the L1, runs the scenario, and collects the result.
@@ -58,60 +72,18 @@ pub fn run(sc: &Scenario, workdir: &Path, nonce: &str) -> Result<NestedRun, Harn
     warn_if_old_qemu();
     let console = workdir.join("console.log");
     let beat_log = workdir.join("heartbeat.log");
-    let _ = std::fs::remove_file(&beat_log);
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-accel", "tcg", "-cpu", "EPYC", "-M", "q35"])
-        .args([
-            "-smp",
-            &sc.l1_cpus.to_string(),
-            "-m",
-            &sc.l1_memory_mib.to_string(),
-        ])
-        .args([
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-        ])
-        .arg("-kernel")
-        .arg(&kernel.image)
-        .arg("-initrd")
-        .arg(&initrd_path)
-        .arg("-append")
-        .arg(l1_kernel_cmdline(sc))
-        .arg("-serial")
-        .arg(format!("file:{}", console.display()))
-        .args([
-            "-chardev",
-            "stdio,id=scenario,signal=off",
-            "-serial",
-            "chardev:scenario",
-        ])
-        .arg("-serial")
-        .arg(format!("file:{}", beat_log.display()));
-    // QEMU's monitor, asked where the vCPUs are when the L1 freezes; a
-    // socket path too long for sun_path just goes without it.
     let monitor = workdir.join("qemu-monitor.sock");
-    let _ = std::fs::remove_file(&monitor);
-    if monitor.as_os_str().len() < 100 {
-        cmd.arg("-monitor")
-            .arg(format!("unix:{},server=on,wait=off", monitor.display()));
-    }
-    for disk in &disks {
-        cmd.arg("-drive").arg(format!(
-            "file={},format=raw,if=virtio,readonly=on",
-            disk.display()
-        ));
-    }
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    let mut cmd = qemu_command(sc, &kernel, &initrd_path, workdir, &monitor, &disks);
     let boot_start = Instant::now();
-    let mut child = cmd.spawn().map_err(|e| HarnessError::Spawn {
+    let child = cmd.spawn().map_err(|e| HarnessError::Spawn {
         what: "qemu-system-x86_64 (install it with `scripts/setup.sh --packages`)".into(),
         source: e,
     })?;
+    let mut qemu = KillOnDrop(child);
+    let child = &mut qemu.0;
+    let pid_file = workdir.join(QEMU_PID_FILE);
+    std::fs::write(&pid_file, format!("{}\n", child.id()))
+        .map_err(|e| HarnessError::Io(format!("writing {}", pid_file.display()), e))?;
     let stdout = child.stdout.take().ok_or(HarnessError::NoPipe)?;
     let mut stderr = child.stderr.take().ok_or(HarnessError::NoPipe)?;
     let stderr_thread = std::thread::spawn(move || {
@@ -174,6 +146,7 @@ pub fn run(sc: &Scenario, workdir: &Path, nonce: &str) -> Result<NestedRun, Harn
         };
         Status::Died(why)
     };
+    let l2_triple_faults = crate::run::l2_triple_faults(&console_text);
     let mut output = seen.output;
     if seen.truncated {
         output.push_str("[harness: output truncated; see output.log]\n");
@@ -193,7 +166,115 @@ pub fn run(sc: &Scenario, workdir: &Path, nonce: &str) -> Result<NestedRun, Harn
                 .map(|(e, _)| qemu_end.saturating_duration_since(e)),
             total: Duration::ZERO,
         },
+        l2_triple_faults,
     })
+}
+
+/// QEMU's command line for one L1 run: TCG with emulated SVM, our kernel
+/// and initramfs, the three serial ports (console and heartbeat to files,
+/// the scenario's channel to our pipe), a monitor socket, the disk assets.
+///
+/// QEMU gets `SIGKILL` when the harness dies (`PR_SET_PDEATHSIG`, set
+/// between fork and exec): a CI timeout's `SIGTERM`, a `SIGINT` or a
+/// `SIGKILL` of the harness (the `harness run` CLI or a test binary) would
+/// otherwise leave the L1 running, orphaned, on both cores. The kernel
+/// sends that signal when the *thread* that forked QEMU ends, not the
+/// process; we spawn QEMU from the thread that then waits for it in
+/// [`run`] and does not return before QEMU has ended (a [`KillOnDrop`]
+/// guard kills it on every early return or panic on the way), so that
+/// thread outlives QEMU in every case but the death of the whole harness,
+/// which is the one the signal is for. A process group the harness kills
+/// on its way out would miss `SIGKILL`, which no handler sees.
+fn qemu_command(
+    sc: &Scenario,
+    kernel: &L1Kernel,
+    initrd_path: &Path,
+    workdir: &Path,
+    monitor: &Path,
+    disks: &[PathBuf],
+) -> Command {
+    let console = workdir.join("console.log");
+    let beat_log = workdir.join("heartbeat.log");
+    let _ = std::fs::remove_file(&beat_log);
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args(["-accel", "tcg", "-cpu", "EPYC", "-M", "q35"])
+        .args([
+            "-smp",
+            &sc.l1_cpus.to_string(),
+            "-m",
+            &sc.l1_memory_mib.to_string(),
+        ])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .arg("-kernel")
+        .arg(&kernel.image)
+        .arg("-initrd")
+        .arg(initrd_path)
+        .arg("-append")
+        .arg(l1_kernel_cmdline(sc))
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .args([
+            "-chardev",
+            "stdio,id=scenario,signal=off",
+            "-serial",
+            "chardev:scenario",
+        ])
+        .arg("-serial")
+        .arg(format!("file:{}", beat_log.display()));
+    // QEMU's monitor, asked where the vCPUs are when the L1 freezes; a
+    // socket path too long for sun_path just goes without it.
+    let _ = std::fs::remove_file(monitor);
+    if monitor.as_os_str().len() < 100 {
+        cmd.arg("-monitor")
+            .arg(format!("unix:{},server=on,wait=off", monitor.display()));
+    }
+    for disk in disks {
+        cmd.arg("-drive").arg(format!(
+            "file={},format=raw,if=virtio,readonly=on",
+            disk.display()
+        ));
+    }
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let harness_pid = nix::unistd::getpid();
+    // SAFETY: the closure runs in the forked child before exec and only
+    // makes two system calls (prctl, getppid), both async-signal-safe; it
+    // allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+            // The harness may have died between fork and prctl: then no
+            // signal will come, and QEMU must not start.
+            if nix::unistd::getppid() != harness_pid {
+                return Err(std::io::Error::other(
+                    "the harness died before QEMU started",
+                ));
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// A QEMU child that is killed and reaped when dropped, so that no early
+/// return (an error while waiting) or panic of the harness leaves it
+/// running.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
 
 /// Builds the initramfs and the list of disk assets.
@@ -319,6 +400,7 @@ fail() { echo "@ERROR@ $*" >&3; sync; poweroff -f; sleep 10; }
         ));
     }
     s.push_str("[ -c /dev/kvm ] || fail \"/dev/kvm is missing after loading kvm_amd (does QEMU's CPU model offer svm?)\"\n");
+    s.push_str(L2_SHUTDOWN_WATCH);
     for (dev, name) in disk_links {
         s.push_str(&format!(
             "i=0; while [ ! -b {dev} ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done\n\
@@ -340,6 +422,39 @@ poweroff -f
         .replace("@READY@", &m.ready)
         .replace("@EXIT@", &m.exit)
 }
+
+/// The L1's `/init` lines that make the L1 kernel print every L2 triple
+/// fault on its console: KVM's `kvm_userspace_exit` tracepoint (each
+/// return of `KVM_RUN` to a VMM) filtered to `KVM_EXIT_SHUTDOWN` (8, how
+/// KVM tells a VMM its guest triple-faulted, whether the emulated SVM
+/// reported a SHUTDOWN exit or KVM itself saw an exception while
+/// delivering a double fault), with `tp_printk` on the L1's command line
+/// (see [`l1_kernel_cmdline`]) sending matching events to printk. The
+/// harness counts those lines ([`crate::run::l2_triple_faults`]) and
+/// reruns the scenario on them.
+///
+/// Why this channel: the L2 emulator triple fault must be seen in every
+/// nested scenario, however it ends and whatever it prints. The VMM's own
+/// line ("triple fault (KVM_EXIT_SHUTDOWN)") lands in its `vmm.log`, which
+/// the host agent deletes at teardown and only sometimes quotes in a job's
+/// reason; where that reason goes (an agent log, a client's stderr, the
+/// scenario's output) differs per scenario, and the Firecracker peer or
+/// `vmm/tests/nested` print it elsewhere again. Scanning logs in each
+/// scenario's prelude or in `/init` after the scenario depends on those
+/// paths and on the scenario reaching its end (not a timeout, a freeze or
+/// an L1 panic). Every L2 triple fault, under any VMM, jailed or not,
+/// passes through the L1 kernel's KVM; the kernel prints it to ttyS0 at
+/// once, and QEMU writes that to `console.log` on this host, which the
+/// harness reads after every attempt. Only this tracepoint is enabled, and
+/// it records only shutdowns (its filter runs on each exit to a VMM, a
+/// small cost next to the exit itself). A kernel without the tracepoint
+/// fails the run at setup rather than losing the detection silently.
+pub const L2_SHUTDOWN_WATCH: &str = r#"tr=/sys/kernel/tracing
+mount -t tracefs tracefs $tr 2>/dev/null
+ev=$tr/events/kvm/kvm_userspace_exit
+{ echo 'reason == 8' > $ev/filter && echo 1 > $ev/enable; } 2>/dev/null ||
+    fail "cannot watch for L2 triple faults: no tracepoint $ev"
+"#;
 
 /// The oldest QEMU major version whose emulated SVM the harness trusts.
 ///
@@ -397,8 +512,13 @@ fn l1_kernel_cmdline(sc: &Scenario) -> String {
     // 7.2, against a few percent with KASLR, and still hung (vCPU spinning)
     // in 3 of 9 under QEMU 10.0: QEMU TCG seems to mix up the two kernels'
     // translations across the emulated world switch.
+    //
+    // `tp_printk` sends enabled trace events to the console: the only one
+    // is the L2 triple-fault watch (`L2_SHUTDOWN_WATCH`); it must be on
+    // the command line, the sysctl alone does nothing without it.
     let mut cmdline = String::from(
-        "console=ttyS0 panic=-1 mitigations=off transparent_hugepage=never softlockup_panic=1",
+        "console=ttyS0 panic=-1 mitigations=off transparent_hugepage=never softlockup_panic=1 \
+         tp_printk",
     );
     for arg in &sc.l1_kernel_args {
         cmdline.push(' ');

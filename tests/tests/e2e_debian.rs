@@ -63,7 +63,7 @@ fn debian_image_has_git_curl_cc_and_a_working_dockerd() {
     sc.timeout = Duration::from_secs(600);
     sc.l1_memory_mib = 2048;
     // `dockerd`'s start triple-faulted the L2 once in CI under QEMU 7.2
-    // (QEMU TCG's emulated SVM; see `harness::run::L2_TRIPLE_FAULT`).
+    // (QEMU TCG's emulated SVM; see `harness::run::l2_triple_faults`).
     sc.l2_triple_fault_reruns = 2;
     sc.bins = vec![
         workspace_binary("vmm").unwrap(),

@@ -1,12 +1,18 @@
-//! Nested-harness tests: the KVM smoke program runs inside the L1, and every
-//! way a scenario can go wrong is reported as a failure, never as a pass.
+//! Nested-harness tests: the KVM smoke program runs inside the L1, every
+//! way a scenario can go wrong is reported as a failure, never as a pass,
+//! an L2 triple fault is rerun however the scenario ends, and the L1 dies
+//! with the harness, whatever signal kills it.
 //!
 //! These boot a real L1 under QEMU; run them through `scripts/test.sh`, which
 //! installs QEMU and the L1 kernel first.
 
-use std::time::Duration;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
-use harness::{Scenario, Status, workspace_binary};
+use harness::{Asset, Scenario, Status, workspace_binary};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 
 fn scenario(name: &str, script: &str, timeout_s: u64) -> Scenario {
     let mut sc = Scenario::new(name, script);
@@ -80,15 +86,32 @@ fn a_frozen_l1_is_killed_early_rerun_and_reported_with_its_vcpus() {
 }
 
 #[test]
-fn an_l2_triple_fault_is_rerun_only_as_often_as_the_scenario_asks() {
-    // The VMM's triple-fault line in a failed run's output looks, from the
-    // harness, exactly like the emulator's L2 fault.
-    let line = format!("vmm: VM stopped: vCPU 0: {}", harness::run::L2_TRIPLE_FAULT);
-    let mut sc = scenario("triple-fault", &format!("echo '{line}'; exit 1"), 60);
-    sc.l2_triple_fault_reruns = 1;
+fn an_l2_triple_fault_is_rerun_however_the_scenario_ends() {
+    // A real L2 triple fault: a tiny guest whose first instruction is
+    // `ud2`, with no IDT (#UD, #GP, #DF, shutdown), under our VMM in the
+    // L1. The script hides the VMM's words and exits 0, as a scenario
+    // whose facts were spoiled by the emulator's fault may: the L1
+    // kernel's report alone must make the harness rerun it once, then
+    // fail it.
+    let dir = tempfile::tempdir().unwrap();
+    let guest = dir.path().join("ud2.elf");
+    tiny_elf(&guest, &[0x0f, 0x0b]);
+    let mut sc = scenario(
+        "triple-fault",
+        "vmm --kernel $ASSETS/ud2.elf --memory-mib 32 >/dev/null 2>&1; echo vmm-exit=$?",
+        120,
+    );
+    sc.bins.push(workspace_binary("vmm").unwrap());
+    sc.assets.push(Asset {
+        host_path: guest,
+        name: "ud2.elf".into(),
+    });
+    assert_eq!(sc.l2_triple_fault_reruns, 1, "the default");
     let out = harness::run(&sc).unwrap();
-    assert_eq!(out.status, Status::Exited(1), "{}", out.report());
-    assert!(out.output.contains(&line), "{}", out.output);
+    assert_eq!(out.status, Status::L2TripleFault(1), "{}", out.report());
+    assert!(!out.success());
+    assert_eq!(out.l2_triple_faults, 1, "{}", out.report());
+    assert_eq!(out.output, "vmm-exit=1\n", "{}", out.report());
     let kept = |n: u32| out.workdir.join(format!("output-attempt{n}.log"));
     assert!(kept(1).exists(), "no rerun: {}", out.report());
     assert!(
@@ -96,6 +119,140 @@ fn an_l2_triple_fault_is_rerun_only_as_often_as_the_scenario_asks() {
         "more reruns than asked: {}",
         out.report()
     );
+    let console = std::fs::read_to_string(out.workdir.join("console.log")).unwrap();
+    let seen: Vec<&str> = console
+        .lines()
+        .filter(|l| l.contains("kvm_userspace_exit"))
+        .collect();
+    println!("the L1 kernel's report: {seen:?}");
+    assert_eq!(harness::run::l2_triple_faults(&console), 1, "{seen:?}");
+}
+
+/// Writes a minimal ELF64 executable whose one PT_LOAD segment puts `code`
+/// at 1 MiB, entered there in 64-bit mode (the VMM loads it as a kernel).
+fn tiny_elf(path: &Path, code: &[u8]) {
+    const LOAD: u64 = 0x10_0000;
+    const OFFSET: u64 = 0x1000;
+    let mut elf = Vec::new();
+    elf.extend_from_slice(b"\x7fELF\x02\x01\x01\x00");
+    elf.extend_from_slice(&[0; 8]);
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+    elf.extend_from_slice(&1u32.to_le_bytes()); // EV_CURRENT
+    elf.extend_from_slice(&LOAD.to_le_bytes()); // e_entry
+    elf.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
+    elf.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+    elf.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+    // e_ehsize, e_phentsize, e_phnum, e_shentsize, e_shnum, e_shstrndx
+    for half in [64u16, 56, 1, 64, 0, 0] {
+        elf.extend_from_slice(&half.to_le_bytes());
+    }
+    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
+    // p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_align
+    let len = code.len() as u64;
+    for word in [OFFSET, LOAD, LOAD, len, len, 0x1000] {
+        elf.extend_from_slice(&word.to_le_bytes());
+    }
+    elf.resize(OFFSET as usize, 0);
+    elf.extend_from_slice(code);
+    std::fs::write(path, elf).unwrap();
+}
+
+#[test]
+fn killing_the_harness_by_any_signal_ends_its_l1() {
+    // A CI timeout's SIGTERM, a SIGINT sent to the harness alone (not to
+    // its process group, as a terminal's ^C is), and SIGKILL: QEMU must
+    // not outlive the harness, or it burns both cores, orphaned.
+    for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGKILL] {
+        let dir = tempfile::tempdir().unwrap();
+        let err = std::fs::File::create(dir.path().join("harness.err")).unwrap();
+        let mut harness = Command::new(env!("CARGO_BIN_EXE_harness"))
+            .args(["run", "--mode", "nested", "--quiet", "--timeout", "900"])
+            .args(["--name", &format!("killed-by-{}", signal.as_str())])
+            .arg("--workdir")
+            .arg(dir.path())
+            .args(["-c", "echo the-scenario-runs; sleep 300"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .unwrap();
+        let qemu = wait_for_the_scenario(dir.path(), &mut harness);
+        kill(Pid::from_raw(harness.id() as i32), signal).unwrap();
+        let status = harness.wait().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while qemu.alive() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if qemu.alive() {
+            let _ = kill(Pid::from_raw(qemu.pid), Signal::SIGKILL);
+            panic!(
+                "QEMU (pid {}) outlived the harness killed by {signal} ({status}) by 5 s",
+                qemu.pid
+            );
+        }
+    }
+}
+
+/// A process, told apart from a later one with its pid by its start time.
+struct Process {
+    pid: i32,
+    start: String,
+}
+
+impl Process {
+    /// The process with `pid` now, if there is one, named `comm`.
+    fn find(pid: i32, comm: &str) -> Option<Process> {
+        let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let start = stat_field(&stat, 22)?;
+        name.trim_end()
+            .starts_with(comm)
+            .then_some(Process { pid, start })
+    }
+
+    /// Whether it still runs (a zombie does not).
+    fn alive(&self) -> bool {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) else {
+            return false;
+        };
+        stat_field(&stat, 22).as_deref() == Some(&self.start)
+            && stat_field(&stat, 3).as_deref() != Some("Z")
+    }
+}
+
+/// Field `n` (1-based, as in proc(5)) of a `/proc/PID/stat` line.
+fn stat_field(stat: &str, n: usize) -> Option<String> {
+    // The command name (field 2) is in parentheses and may hold spaces.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(n - 3).map(str::to_string)
+}
+
+/// Waits until the harness running in `workdir` has its scenario running
+/// in the L1 (after the machine-wide run lock and the L1's boot), and
+/// returns its QEMU.
+fn wait_for_the_scenario(workdir: &Path, harness: &mut Child) -> Process {
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    loop {
+        if let Some(status) = harness.try_wait().unwrap() {
+            let err = std::fs::read_to_string(workdir.join("harness.err")).unwrap_or_default();
+            panic!("the harness ended early ({status}):\n{err}");
+        }
+        let output = std::fs::read_to_string(workdir.join("output.log")).unwrap_or_default();
+        if output.contains("the-scenario-runs") {
+            let pid = std::fs::read_to_string(workdir.join(harness::nested::QEMU_PID_FILE))
+                .expect("the harness writes its QEMU's pid");
+            let pid: i32 = pid.trim().parse().unwrap();
+            return Process::find(pid, "qemu-system")
+                .unwrap_or_else(|| panic!("pid {pid} is not a running QEMU"));
+        }
+        if Instant::now() >= deadline {
+            let _ = harness.kill();
+            panic!("the scenario never ran");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 #[test]

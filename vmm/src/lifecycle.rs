@@ -88,8 +88,6 @@ impl std::fmt::Display for ExitReason {
             Self::GuestPowerOff => write!(f, "guest powered off"),
             Self::Signal(s) => write!(f, "stopped by signal {s}"),
             Self::TripleFault { vcpu } => {
-                // The nested harness recognizes this text
-                // (`harness::run::L2_TRIPLE_FAULT`): keep them in step.
                 write!(f, "vCPU {vcpu}: triple fault (KVM_EXIT_SHUTDOWN)")
             }
             Self::InternalError {
