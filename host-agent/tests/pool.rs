@@ -30,7 +30,7 @@ use protocol::{read_frame, write_frame};
 const HOST: &str = "host-credential-0123456789";
 const CLIENT: &str = "client-credential-0123456789";
 /// Guest silence after which the agent replaces an idle VM, in these tests.
-const IDLE_SILENCE: Duration = Duration::from_secs(2);
+const IDLE_SILENCE: Duration = Duration::from_secs(3);
 
 /// `target/<profile>/<name>`, next to this test's binary.
 fn workspace_binary(name: &str) -> PathBuf {
@@ -344,11 +344,15 @@ async fn a_guest_silent_while_idle_is_replaced_before_it_gets_a_job() {
     let (state, vm) = w.follow(&id).await;
     assert_eq!(state, JobState::Succeeded);
     assert!(!dir_names_vm(&silent_dir, &vm), "ran on the silent VM");
+    // (At least the silent one: a loaded machine may stall another guest
+    // past the short limit these tests use.)
     let metrics = w.metrics();
-    assert!(
-        metrics.contains("kindling_host_agent_idle_vms_replaced_total 1"),
-        "{metrics}"
-    );
+    let replaced: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("kindling_host_agent_idle_vms_replaced_total "))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0);
+    assert!(replaced >= 1, "{metrics}");
     w.shutdown().await;
 }
 
