@@ -13,7 +13,7 @@ use crate::cleanup::remove_leftovers;
 use crate::config::{Config, PoolNetwork};
 use crate::metrics::Metrics;
 use crate::net::Network;
-use crate::pool::{CycleReport, Shared, run_slot, vms_dir};
+use crate::pool::{CycleReport, Shared, Tuning, run_slot, vms_dir};
 
 /// Errors that stop the agent from starting.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +53,15 @@ impl Agent {
     /// Cleans up, starts the metrics endpoint and every slot. With `once`,
     /// each slot runs a single VM cycle.
     pub async fn start(config: Config, once: bool) -> Result<Agent, AgentError> {
+        Self::start_tuned(config, once, Tuning::default()).await
+    }
+
+    /// [`Agent::start`] with the slots' timing knobs (and test seam) set.
+    pub async fn start_tuned(
+        config: Config,
+        once: bool,
+        tuning: Tuning,
+    ) -> Result<Agent, AgentError> {
         let vms = vms_dir(&config);
         let state_err = |source| AgentError::StateDir {
             path: config.state_dir.clone(),
@@ -75,7 +84,9 @@ impl Agent {
         let client = ApiClient::new(&config.orchestrator.url)?;
         deregister_leftovers(&client, &config, &cleaned.vm_ids).await;
         let (drain, draining) = watch::channel(false);
-        let shared = Arc::new(Shared::new(config, client, metrics, draining, network));
+        let shared = Arc::new(Shared::new(
+            config, client, metrics, draining, network, tuning,
+        ));
         let mut slots = tokio::task::JoinSet::new();
         for pool in &shared.config.pools {
             for slot in 0..pool.size {
@@ -93,7 +104,7 @@ impl Agent {
     pub async fn join(mut self) -> Vec<CycleReport> {
         let mut reports = Vec::new();
         while let Some(r) = self.slots.join_next().await {
-            reports.extend(r.unwrap_or_default());
+            reports.extend(slot_reports(r));
         }
         if let Some(network) = &self.shared.network {
             network.shutdown();
@@ -109,7 +120,7 @@ impl Agent {
         let deadline = tokio::time::Instant::now() + grace;
         loop {
             match tokio::time::timeout_at(deadline, self.slots.join_next()).await {
-                Ok(Some(r)) => reports.extend(r.unwrap_or_default()),
+                Ok(Some(r)) => reports.extend(slot_reports(r)),
                 Ok(None) => break,
                 Err(_) => {
                     tracing::warn!("grace period over: killing the remaining VMs");
@@ -211,6 +222,17 @@ async fn serve_metrics(addr: &str, metrics: Arc<Metrics>) -> Result<(), AgentErr
         }
     });
     Ok(())
+}
+
+/// The reports of a slot task that ended. Slots catch their cycles'
+/// panics themselves; one that still died is logged, not swallowed.
+fn slot_reports(ended: Result<Vec<CycleReport>, tokio::task::JoinError>) -> Vec<CycleReport> {
+    ended.unwrap_or_else(|e| {
+        if e.is_panic() {
+            tracing::error!("a slot task died: {e}");
+        }
+        Vec::new()
+    })
 }
 
 /// The jail settings, when VMMs are jailed.

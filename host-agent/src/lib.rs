@@ -4,6 +4,7 @@
 //! Modules: [`config`] (the TOML file), [`vm`] (one VM: directory, VMM
 //! process, vsock channel), [`relay`] (one job on one VM), [`sink`] (the
 //! orchestrator as the relay's event sink), [`pool`] (a slot's VM cycle),
+//! [`idle`] (a warm VM's liveness while it waits for a job),
 //! [`agent`] (the daemon), [`cleanup`] (what a crashed run left),
 //! [`metrics`], [`net`] (taps, addresses and the nftables policy),
 //! [`single_shot`] (`host-agent run job.yaml`).
@@ -11,6 +12,7 @@
 pub mod agent;
 pub mod cleanup;
 pub mod config;
+pub mod idle;
 pub mod jail;
 pub mod log_rate;
 pub mod metrics;

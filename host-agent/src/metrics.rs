@@ -26,6 +26,13 @@ pub struct OutcomeLabels {
     pub outcome: String,
 }
 
+/// Labels of the per-pool slot restart counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    /// Pool name.
+    pub pool: String,
+}
+
 /// Every metric the agent exports.
 pub struct Metrics {
     registry: Registry,
@@ -39,6 +46,13 @@ pub struct Metrics {
     pub teardown_seconds: Histogram,
     /// Failed calls to the orchestrator.
     pub orchestrator_errors: Counter<u64, AtomicU64>,
+    slot_restarts: Family<PoolLabels, Counter<u64, AtomicU64>>,
+    /// Warm VMs replaced before taking a job (guest silent, channel
+    /// closed or VMM exited while idle).
+    pub idle_vms_replaced: Counter<u64, AtomicU64>,
+    /// Jobs handed back to the orchestrator because they never reached
+    /// the guest.
+    pub jobs_handed_back: Counter<u64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -75,6 +89,24 @@ impl Metrics {
             "Failed calls to the orchestrator",
             orchestrator_errors.clone(),
         );
+        let slot_restarts = Family::<PoolLabels, Counter<u64, AtomicU64>>::default();
+        registry.register(
+            "slot_restarts",
+            "Slot tasks that died (panicked) and were restarted",
+            slot_restarts.clone(),
+        );
+        let idle_vms_replaced = Counter::<u64, AtomicU64>::default();
+        registry.register(
+            "idle_vms_replaced",
+            "Warm VMs found dead or silent while idle and replaced",
+            idle_vms_replaced.clone(),
+        );
+        let jobs_handed_back = Counter::<u64, AtomicU64>::default();
+        registry.register(
+            "jobs_handed_back",
+            "Jobs given back to the orchestrator's queue because they never reached the guest",
+            jobs_handed_back.clone(),
+        );
         Self {
             registry,
             vms,
@@ -83,6 +115,9 @@ impl Metrics {
             jobs,
             teardown_seconds,
             orchestrator_errors,
+            slot_restarts,
+            idle_vms_replaced,
+            jobs_handed_back,
         }
     }
 
@@ -105,6 +140,15 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts a restart of a slot of `pool` whose task died.
+    pub fn slot_restart(&self, pool: &str) {
+        self.slot_restarts
+            .get_or_create(&PoolLabels {
+                pool: pool.to_string(),
+            })
+            .inc();
+    }
+
     /// The metrics in the Prometheus text format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -123,6 +167,7 @@ mod tests {
         m.vm_state("small", "idle", 1);
         m.job_outcome("succeeded");
         m.boots.inc();
+        m.slot_restart("small");
         let text = m.encode();
         assert!(
             text.contains(r#"kindling_host_agent_vms{pool="small",state="idle"} 1"#),
@@ -133,5 +178,9 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("kindling_host_agent_boots_total 1"), "{text}");
+        assert!(
+            text.contains(r#"kindling_host_agent_slot_restarts_total{pool="small"} 1"#),
+            "{text}"
+        );
     }
 }

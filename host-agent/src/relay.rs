@@ -87,6 +87,30 @@ pub async fn run_job(
     sink: &mut impl EventSink,
     log_rate: Option<LogRateLimit>,
 ) -> RelayOutcome {
+    relay(vm, channel, job, sink, log_rate, true).await
+}
+
+/// [`run_job`] for a job the caller already sent with
+/// [`GuestChannel::send_job`] (the pool sends it itself, so that a job
+/// that never reached the guest can go back to the orchestrator's queue).
+pub async fn relay_sent_job(
+    vm: &mut RunningVm,
+    channel: &mut GuestChannel,
+    job: &Job,
+    sink: &mut impl EventSink,
+    log_rate: Option<LogRateLimit>,
+) -> RelayOutcome {
+    relay(vm, channel, job, sink, log_rate, false).await
+}
+
+async fn relay(
+    vm: &mut RunningVm,
+    channel: &mut GuestChannel,
+    job: &Job,
+    sink: &mut impl EventSink,
+    log_rate: Option<LogRateLimit>,
+    send: bool,
+) -> RelayOutcome {
     let mut state = Relay {
         batch: Batch {
             events: Vec::new(),
@@ -102,7 +126,7 @@ pub async fn run_job(
         log_rate,
         paused_until: None,
     };
-    let result = state.drive(vm, channel, job, sink).await;
+    let result = state.drive(vm, channel, job, sink, send).await;
     // Whatever happened, the job's last event says how it ended.
     state
         .batch
@@ -145,9 +169,10 @@ impl Relay {
         channel: &mut GuestChannel,
         job: &Job,
         sink: &mut impl EventSink,
+        send: bool,
     ) -> JobResult {
         let error = |reason: String| JobResult::Error { reason };
-        if let Err(e) = channel.send_job(job).await {
+        if send && let Err(e) = channel.send_job(job).await {
             return error(format!("sending the job to the guest failed: {e}"));
         }
         let deadline =

@@ -6,7 +6,7 @@ use std::time::Duration;
 use protocol::api::{
     AcquireJobRequest, AcquireJobResponse, CancelJobRequest, JobEvent, JobEventsPage,
     PostJobEventsRequest, PostJobEventsResponse, RegisterVmRequest, RegisterVmResponse,
-    SubmitJobRequest, SubmitJobResponse, VmId, VmToken, routes,
+    ReleaseVmResponse, SubmitJobRequest, SubmitJobResponse, VmId, VmToken, routes,
 };
 use protocol::limits;
 use protocol::message::{Job, JobId};
@@ -260,6 +260,19 @@ impl ApiClient {
             )
             .await?;
         Ok(response.job)
+    }
+
+    /// Releases the VM (VM token): it takes no job any more, and a job it
+    /// acquired but never started is queued again (returned).
+    pub async fn release_vm(
+        &self,
+        vm_id: &VmId,
+        token: &VmToken,
+    ) -> Result<Option<JobId>, ClientError> {
+        let response: ReleaseVmResponse = self
+            .call::<(), _>(Method::POST, &routes::vm_release(vm_id), &token.0, None)
+            .await?;
+        Ok(response.requeued)
     }
 
     /// Posts a batch of the job's events (VM token); returns the next seq

@@ -5,6 +5,7 @@
 //! | `/v1/vms` | POST | host credential | 201 `RegisterVmResponse` |
 //! | `/v1/vms/{vm_id}` | DELETE | host credential | 204 |
 //! | `/v1/vms/{vm_id}/acquire` | POST | the VM's token | 200 `AcquireJobResponse` (`job: null` when the wait expired) |
+//! | `/v1/vms/{vm_id}/release` | POST | the VM's token | 200 `ReleaseVmResponse` (the job queued again, if its VM never started it) |
 //! | `/v1/jobs` | POST | client credential | 201 `SubmitJobResponse` (JSON `SubmitJobRequest`, or a YAML spec with `Content-Type: application/yaml`) |
 //! | `/v1/jobs/{job_id}` | GET | client credential or the job's VM token | 200 [`JobReport`] |
 //! | `/v1/jobs/{job_id}/events?after=N&wait_secs=S` | GET | client credential | 200 `JobEventsPage` |
@@ -15,8 +16,8 @@
 //! Errors carry an `ApiError` body (`{"error": "..."}`): 400 invalid body
 //! or spec (the message names the field), 401 missing or wrong credential,
 //! 404 unknown job or VM, 409 event gap (the body also has `next_seq`), a
-//! second acquire by a token that already has a job, or cancel of a
-//! finished job, 410 events for a job that is over (cancelled, timed out:
+//! second acquire by a token that already has a job (or was released),
+//! release of a VM whose job started, or cancel of a finished job, 410 events for a job that is over (cancelled, timed out:
 //! the message says why), 413 body too large, 503 a bound is reached or the
 //! orchestrator is stopping, 500 storage failure.
 //!
@@ -35,7 +36,8 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use protocol::api::{
     AcquireJobRequest, AcquireJobResponse, CancelJobRequest, PostJobEventsRequest,
-    PostJobEventsResponse, RegisterVmRequest, SubmitJobRequest, SubmitJobResponse, VmId, routes,
+    PostJobEventsResponse, RegisterVmRequest, ReleaseVmResponse, SubmitJobRequest,
+    SubmitJobResponse, VmId, routes,
 };
 use protocol::job::JobSpec;
 use protocol::limits;
@@ -56,6 +58,7 @@ pub fn router(service: Service) -> Router {
         .route(routes::VMS, post(register_vm))
         .route(routes::VM, delete(deregister_vm))
         .route(routes::VM_ACQUIRE, post(acquire))
+        .route(routes::VM_RELEASE, post(release_vm))
         .route(
             routes::JOBS,
             post(submit).layer(DefaultBodyLimit::max(SUBMIT_BODY_LIMIT)),
@@ -135,6 +138,8 @@ impl From<ServiceError> for HttpError {
                 RegistryError::BadVmToken => StatusCode::UNAUTHORIZED,
                 RegistryError::UnknownJob(_) | RegistryError::UnknownVm(_) => StatusCode::NOT_FOUND,
                 RegistryError::AlreadyAcquired { .. }
+                | RegistryError::JobStarted { .. }
+                | RegistryError::Released(_)
                 | RegistryError::Gap { .. }
                 | RegistryError::AlreadyFinished(_) => StatusCode::CONFLICT,
                 RegistryError::JobOver { .. } => StatusCode::GONE,
@@ -250,6 +255,15 @@ async fn acquire(
         .acquire(bearer.get(), &VmId(vm_id), &request)
         .await?;
     Ok(Json(AcquireJobResponse { job }))
+}
+
+async fn release_vm(
+    State(service): State<Service>,
+    bearer: Bearer,
+    Path(vm_id): Path<String>,
+) -> Result<Json<ReleaseVmResponse>, HttpError> {
+    let requeued = service.release_vm(bearer.get(), &VmId(vm_id)).await?;
+    Ok(Json(ReleaseVmResponse { requeued }))
 }
 
 async fn post_events(

@@ -8,6 +8,7 @@
 //! Queued --matched--> Assigned{vm} --first event--> Running{vm} --JobFinished--> terminal
 //!   |  ^                 |                              |
 //!   |  +--poll dropped---+ (job never reached the VM)   |
+//!   |  +--VM released----+ (the host agent could not deliver it)
 //!   +------------------ cancel / timeout / VM deregistered / shutdown --------> terminal
 //! ```
 //!
@@ -20,6 +21,7 @@
 //!
 //! ```text
 //! Idle <--poll ends-- Waiting{ticket}     Idle/Waiting --job--> Busy{job} --job ends--> Done{job}
+//! Idle/Waiting/Busy{job not started} --release--> Released
 //! ```
 //!
 //! A VM token acquires at most one job, ever: once a VM is `Busy` or
@@ -29,6 +31,12 @@
 //! it still ran fails with a reason. A `Done` VM is kept (until deregistered
 //! or idle too long) so that the host agent's retries of its last events are
 //! still recognised as retries.
+//!
+//! A host agent whose VM died before its job started (the guest went
+//! silent while idle, or the job could not be delivered) releases the VM:
+//! the VM takes no job any more, and a job it acquired but never reported
+//! on goes back to the front of the queue, at most [`MAX_RELEASES`] times
+//! per job (then it fails: something about the job may kill its VMs).
 //!
 //! Each long poll gets a ticket. If a poll ends before the job matched to it
 //! was handed out (the HTTP request was dropped), the job goes back to the
@@ -50,6 +58,9 @@ use crate::auth::{self, AuthError, Secret};
 use crate::config::Limits;
 use crate::matching::{Matchmaker, satisfies};
 use crate::report::{JobReport, describe_result, state_name, unix_ms};
+
+/// How often a job may be handed back by released VMs before it fails.
+pub const MAX_RELEASES: u32 = 3;
 
 /// Why a request was refused by the state rules.
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +103,17 @@ pub enum RegistryError {
     /// Events that cannot belong to this job.
     #[error("invalid events: {0}")]
     InvalidEvents(String),
+    /// Release of a VM whose job already reported events.
+    #[error("VM {vm} cannot be released: its job {job} has started")]
+    JobStarted {
+        /// The VM.
+        vm: VmId,
+        /// Its job.
+        job: JobId,
+    },
+    /// Acquire by a VM that was released.
+    #[error("VM {0} was released; it takes no job")]
+    Released(VmId),
     /// Cancel of a job that already ended.
     #[error("job {0} already finished")]
     AlreadyFinished(JobId),
@@ -132,6 +154,8 @@ enum VmPhase {
         state: &'static str,
         detail: Option<String>,
     },
+    /// Released by its host agent: takes no job any more.
+    Released,
 }
 
 #[derive(Debug)]
@@ -158,6 +182,8 @@ struct JobEntry<H> {
     queued_since: Instant,
     deadline: Option<Instant>,
     host_events: u64,
+    /// How often a released VM handed the job back.
+    releases: u32,
 }
 
 /// The first step of an acquire: an answer now, or a ticket to wait with.
@@ -183,6 +209,17 @@ pub enum AcquirePoll {
     Waiting,
     /// The poll is over without a job (timed out, superseded, VM gone).
     Ended,
+}
+
+/// What releasing a VM did to its job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Release {
+    /// The VM held no job that could go back (none, or one that ended).
+    Nothing,
+    /// The job it had acquired but not started is queued again.
+    Requeued(JobId),
+    /// The job was handed back [`MAX_RELEASES`] times: the caller fails it.
+    GaveUp(JobId),
 }
 
 /// Which of the posted events are new.
@@ -301,8 +338,59 @@ impl<H: Clone> Registry<H> {
                 let active = self.jobs.get(&job).is_some_and(|j| !j.state.is_terminal());
                 active.then_some(job)
             }
-            VmPhase::Idle | VmPhase::Waiting { .. } | VmPhase::Done { .. } => None,
+            VmPhase::Idle | VmPhase::Waiting { .. } | VmPhase::Done { .. } | VmPhase::Released => {
+                None
+            }
         })
+    }
+
+    /// Releases the VM holding `token`: it takes no job any more (a waiting
+    /// poll ends empty-handed), and a job it acquired but never reported
+    /// on goes back to the front of the queue. Idempotent. Refused once the
+    /// job has reported events: it may have run.
+    pub fn release_vm(
+        &mut self,
+        vm_id: &VmId,
+        token: Option<&str>,
+        now: Instant,
+    ) -> Result<Release, RegistryError> {
+        let vm = self.authenticate(vm_id, token, now)?;
+        let job = match vm.phase.clone() {
+            VmPhase::Done { .. } | VmPhase::Released => return Ok(Release::Nothing),
+            VmPhase::Idle | VmPhase::Waiting { .. } => None,
+            VmPhase::Busy { job, .. } => Some(job),
+        };
+        let started = job.as_ref().and_then(|job| {
+            let entry = self.jobs.get(job)?;
+            let unstarted = matches!(entry.state, JobState::Assigned { .. });
+            (!entry.state.is_terminal() && !unstarted).then(|| job.clone())
+        });
+        if let Some(job) = started {
+            return Err(RegistryError::JobStarted {
+                vm: vm_id.clone(),
+                job,
+            });
+        }
+        let vm = self.vm_mut(vm_id)?;
+        vm.phase = VmPhase::Released;
+        vm.wake.notify_waiters();
+        self.matchmaker.withdraw_vm(vm_id);
+        let Some(job) =
+            job.filter(|job| self.jobs.get(job).is_some_and(|e| !e.state.is_terminal()))
+        else {
+            return Ok(Release::Nothing);
+        };
+        let entry = self
+            .jobs
+            .get_mut(&job)
+            .ok_or_else(|| RegistryError::UnknownJob(job.clone()))?;
+        entry.releases += 1;
+        if entry.releases >= MAX_RELEASES {
+            return Ok(Release::GaveUp(job));
+        }
+        entry.queued_since = now;
+        self.requeue(&job, now);
+        Ok(Release::Requeued(job))
     }
 
     /// Adds a validated job (id and secrets set, timeout already capped) and
@@ -345,6 +433,7 @@ impl<H: Clone> Registry<H> {
                 queued_since: now,
                 deadline: None,
                 host_events: 0,
+                releases: 0,
             },
         );
         if let Some(vm) = self.matchmaker.offer_job(id.clone(), runs_on) {
@@ -389,6 +478,7 @@ impl<H: Clone> Registry<H> {
                 vm: vm_id.clone(),
                 job,
             }),
+            VmPhase::Released => Err(RegistryError::Released(vm_id.clone())),
             VmPhase::Waiting { .. } => {
                 // Supersede the earlier poll; the VM keeps its place in line.
                 let ticket = self.new_ticket();
@@ -484,20 +574,26 @@ impl<H: Clone> Registry<H> {
                 undelivered: Some(t),
             } if t == ticket => {
                 vm.phase = VmPhase::Idle;
-                self.job_vm.remove(&job);
-                let Some(entry) = self.jobs.get_mut(&job) else {
-                    return;
-                };
-                entry.state = JobState::Queued;
-                entry.vm = None;
-                entry.assigned_at = None;
-                entry.deadline = None;
-                let runs_on = entry.runs_on.clone();
-                if let Some(other) = self.matchmaker.return_job(job.clone(), runs_on) {
-                    self.assign_to_waiting(&job, &other, now);
-                }
+                self.requeue(&job, now);
             }
             _ => {}
+        }
+    }
+
+    /// Puts an assigned job back at the front of the queue (or straight to
+    /// a waiting VM); its VM no longer holds it.
+    fn requeue(&mut self, job: &JobId, now: Instant) {
+        self.job_vm.remove(job);
+        let Some(entry) = self.jobs.get_mut(job) else {
+            return;
+        };
+        entry.state = JobState::Queued;
+        entry.vm = None;
+        entry.assigned_at = None;
+        entry.deadline = None;
+        let runs_on = entry.runs_on.clone();
+        if let Some(other) = self.matchmaker.return_job(job.clone(), runs_on) {
+            self.assign_to_waiting(job, &other, now);
         }
     }
 
@@ -776,12 +872,17 @@ impl<H: Clone> Registry<H> {
         let stale: Vec<VmId> = self
             .vms
             .iter()
-            .filter(|(_, vm)| matches!(vm.phase, VmPhase::Idle | VmPhase::Done { .. }))
+            .filter(|(_, vm)| {
+                matches!(
+                    vm.phase,
+                    VmPhase::Idle | VmPhase::Done { .. } | VmPhase::Released
+                )
+            })
             .filter(|(_, vm)| now.duration_since(vm.last_seen) >= idle_timeout)
             .map(|(id, _)| id.clone())
             .collect();
         for vm in stale {
-            // Idle and Done VMs hold no active job: nothing to fail.
+            // Idle, Done and Released VMs hold no active job: nothing to fail.
             let _ = self.deregister_vm(&vm);
         }
         expired

@@ -40,7 +40,9 @@ use crate::auth::{self, AuthError, Credentials};
 use crate::config::Limits;
 use crate::event_log::{EventLog, EventLogError, ReadCursor, read_page};
 use crate::metrics::Metrics;
-use crate::registry::{AcquirePoll, AcquireStart, EventPlan, Registry, RegistryError};
+use crate::registry::{
+    AcquirePoll, AcquireStart, EventPlan, MAX_RELEASES, Registry, RegistryError, Release,
+};
 use crate::report::{JobReport, state_name};
 
 /// Why an operation failed. The HTTP layer maps each to a status code.
@@ -237,6 +239,36 @@ impl Orchestrator {
                 () = &mut notified => {}
                 () = tokio::time::sleep_until(deadline) => {}
                 _ = shutdown.changed() => {}
+            }
+        }
+    }
+
+    /// `POST /v1/vms/{vm_id}/release`: the VM takes no job any more, and a
+    /// job it acquired but never started goes back to the queue (VM token).
+    /// A job handed back [`MAX_RELEASES`] times fails instead. Returns the
+    /// job queued again, if any.
+    pub async fn release_vm(
+        &self,
+        bearer: Option<&str>,
+        vm_id: &VmId,
+    ) -> Result<Option<JobId>, ServiceError> {
+        let release = self.registry().release_vm(vm_id, bearer, Instant::now())?;
+        match release {
+            Release::Nothing => {
+                tracing::info!(%vm_id, "VM released");
+                Ok(None)
+            }
+            Release::Requeued(job_id) => {
+                tracing::warn!(%vm_id, %job_id, "VM released before its job started; job queued again");
+                Ok(Some(job_id))
+            }
+            Release::GaveUp(job_id) => {
+                let reason = format!(
+                    "the job was handed back by {MAX_RELEASES} VMs that died before it started"
+                );
+                self.end_job_quietly(&job_id, JobResult::Error { reason })
+                    .await;
+                Ok(None)
             }
         }
     }

@@ -652,3 +652,78 @@ async fn a_dropped_long_poll_does_not_swallow_a_job() {
     let vm = FakeVm::register(&server, &["linux"]).await;
     assert_eq!(vm.acquire(1).await.unwrap().unwrap().id, id);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_vm_gives_back_a_job_it_never_started() {
+    let server = TestServer::start().await;
+    let dead = FakeVm::register(&server, &["linux"]).await;
+    let id = server.submit("j", &["linux"], 1).await;
+    assert_eq!(dead.acquire(0).await.unwrap().unwrap().id, id);
+    // Only the VM's own token releases it.
+    let other = FakeVm::register(&server, &["arm64"]).await;
+    let err = server
+        .client
+        .release_vm(&dead.id, &other.token)
+        .await
+        .unwrap_err();
+    assert_eq!(status_of(&err), StatusCode::UNAUTHORIZED);
+    // The job never reached the guest: the host agent gives it back.
+    let requeued = server
+        .client
+        .release_vm(&dead.id, &dead.token)
+        .await
+        .unwrap();
+    assert_eq!(requeued, Some(id.clone()));
+    let report = server.client.job(CLIENT, &id).await.unwrap();
+    assert_eq!(report.status.state, JobState::Queued, "{report:?}");
+    // The released VM takes no job, and deregistering it fails nothing.
+    let err = dead.acquire(0).await.unwrap_err();
+    assert_eq!(status_of(&err), StatusCode::CONFLICT);
+    dead.deregister().await;
+    // Another VM runs it, secrets and all.
+    let mut next = FakeVm::register(&server, &["linux"]).await;
+    let job = next.acquire(1).await.unwrap().unwrap();
+    assert_eq!(job.id, id);
+    next.run(&job, 1, JobResult::Succeeded).await;
+    let report = server.client.job(CLIENT, &id).await.unwrap();
+    assert_eq!(report.status.state, JobState::Succeeded);
+    assert_eq!(report.vm_id, Some(next.id.clone()));
+}
+
+#[tokio::test]
+async fn a_started_job_cannot_be_given_back() {
+    let server = TestServer::start().await;
+    let mut vm = FakeVm::register(&server, &["linux"]).await;
+    let id = server.submit("j", &["linux"], 1).await;
+    vm.acquire(0).await.unwrap().unwrap();
+    vm.send(&id, vec![started(0, "s")]).await.unwrap();
+    let err = server
+        .client
+        .release_vm(&vm.id, &vm.token)
+        .await
+        .unwrap_err();
+    assert_eq!(status_of(&err), StatusCode::CONFLICT);
+    assert!(err.to_string().contains("has started"), "{err}");
+    let report = server.client.job(CLIENT, &id).await.unwrap();
+    assert!(
+        matches!(report.status.state, JobState::Running { .. }),
+        "{report:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_job_given_back_too_often_fails_with_a_reason() {
+    let server = TestServer::start().await;
+    let id = server.submit("j", &["linux"], 1).await;
+    for _ in 0..orchestrator::registry::MAX_RELEASES {
+        let vm = FakeVm::register(&server, &["linux"]).await;
+        assert_eq!(vm.acquire(0).await.unwrap().unwrap().id, id);
+        server.client.release_vm(&vm.id, &vm.token).await.unwrap();
+        vm.deregister().await;
+    }
+    let report = server.client.job(CLIENT, &id).await.unwrap();
+    let JobState::Error { reason } = &report.status.state else {
+        panic!("{report:?}");
+    };
+    assert!(reason.contains("handed back by 3 VMs"), "{reason}");
+}

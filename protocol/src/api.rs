@@ -6,6 +6,7 @@
 //! | [`routes::VMS`] | POST | host agent (host credential) | [`RegisterVmRequest`] -> [`RegisterVmResponse`] |
 //! | [`routes::VM`] | DELETE | host agent (host credential) | - -> 204; revokes the VM token |
 //! | [`routes::VM_ACQUIRE`] | POST | host agent (VM token) | [`AcquireJobRequest`] -> [`AcquireJobResponse`] (long poll) |
+//! | [`routes::VM_RELEASE`] | POST | host agent (VM token) | - -> [`ReleaseVmResponse`]; the VM takes no job any more, and a job it acquired but never started is queued again |
 //! | [`routes::JOB_EVENTS`] | POST | host agent (VM token) | [`PostJobEventsRequest`] -> [`PostJobEventsResponse`] |
 //! | [`routes::JOBS`] | POST | client (client credential) | [`SubmitJobRequest`] -> [`SubmitJobResponse`] |
 //! | [`routes::JOB`] | GET | client | - -> [`JobStatus`] |
@@ -46,6 +47,8 @@ pub mod routes {
     pub const VM: &str = "/v1/vms/{vm_id}";
     /// Long-poll for a job for this VM (POST).
     pub const VM_ACQUIRE: &str = "/v1/vms/{vm_id}/acquire";
+    /// Give up a VM before its job started (POST).
+    pub const VM_RELEASE: &str = "/v1/vms/{vm_id}/release";
     /// Submit a job (POST).
     pub const JOBS: &str = "/v1/jobs";
     /// One job: status (GET).
@@ -63,6 +66,11 @@ pub mod routes {
     /// Path of [`VM_ACQUIRE`] for `vm_id`.
     pub fn vm_acquire(vm_id: &VmId) -> String {
         format!("{VMS}/{vm_id}/acquire")
+    }
+
+    /// Path of [`VM_RELEASE`] for `vm_id`.
+    pub fn vm_release(vm_id: &VmId) -> String {
+        format!("{VMS}/{vm_id}/release")
     }
 
     /// Path of [`JOB`] for `job_id`.
@@ -200,6 +208,15 @@ impl AcquireJobRequest {
 pub struct AcquireJobResponse {
     /// The job, secrets included, ready to forward to the guest.
     pub job: Option<Job>,
+}
+
+/// The answer to a release: the job the VM had acquired but never
+/// started, now queued again for another VM (none if it held no job, or
+/// if the job was given back too often and failed instead).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseVmResponse {
+    /// The job queued again, if any.
+    pub requeued: Option<JobId>,
 }
 
 /// One event of a running job, as relayed by the host agent.

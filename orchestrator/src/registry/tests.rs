@@ -538,6 +538,111 @@ fn ending_jobs_withdraws_them_once() {
 }
 
 #[test]
+fn releasing_a_vm_requeues_its_unstarted_job_at_the_front_and_retires_the_vm() {
+    let mut f = Fixture::new();
+    let (dead, dead_token) = f.register(&["linux"]);
+    f.submit("first", &["linux"]);
+    f.submit("second", &["linux"]);
+    assert_eq!(f.acquire_now(&dead, &dead_token), jid("first"));
+    let release = f.reg.release_vm(&dead, Some(&dead_token.0), f.now).unwrap();
+    assert_eq!(release, Release::Requeued(jid("first")));
+    assert_eq!(f.state("first"), JobState::Queued);
+    assert_eq!(
+        f.reg.matchmaker.queued_jobs().collect::<Vec<_>>(),
+        [&jid("first"), &jid("second")]
+    );
+    // The released VM takes no job any more, and its token no longer
+    // passes for the job's VM.
+    assert!(matches!(
+        f.start(&dead, &dead_token),
+        Err(RegistryError::Released(_))
+    ));
+    assert!(!f.reg.is_job_vm(&jid("first"), Some(&dead_token.0)));
+    // Releasing again is a no-op; deregistering it fails nothing.
+    let again = f.reg.release_vm(&dead, Some(&dead_token.0), f.now).unwrap();
+    assert_eq!(again, Release::Nothing);
+    assert_eq!(f.reg.deregister_vm(&dead).unwrap(), None);
+    // The job, secrets intact, goes to the next VM.
+    let (next, next_token) = f.register(&["linux"]);
+    assert_eq!(f.acquire_now(&next, &next_token), jid("first"));
+    assert_eq!(
+        f.reg.report(&jid("first")).unwrap().vm_id,
+        Some(next.clone())
+    );
+    let applied = f.deliver("first", &next_token, &[started(0, 0)]);
+    assert_eq!(applied.next_seq, 1);
+}
+
+#[test]
+fn a_released_job_goes_straight_to_a_waiting_vm() {
+    let mut f = Fixture::new();
+    let (a, a_token) = f.register(&["linux"]);
+    let (b, b_token) = f.register(&["linux"]);
+    f.submit("j", &["linux"]);
+    assert_eq!(f.acquire_now(&a, &a_token), jid("j"));
+    let b_ticket = f.wait(&b, &b_token);
+    f.reg.release_vm(&a, Some(&a_token.0), f.now).unwrap();
+    assert_eq!(f.poll(&b, b_ticket, false), Some(jid("j")));
+}
+
+#[test]
+fn releasing_a_waiting_vm_ends_its_poll_and_its_token_takes_no_job() {
+    let mut f = Fixture::new();
+    let (vm, token) = f.register(&["linux"]);
+    let ticket = f.wait(&vm, &token);
+    let release = f.reg.release_vm(&vm, Some(&token.0), f.now).unwrap();
+    assert_eq!(release, Release::Nothing);
+    assert_eq!(f.reg.counts().waiting_vms, 0);
+    assert!(matches!(
+        f.reg.poll_acquire(&vm, ticket, false, f.now),
+        AcquirePoll::Ended
+    ));
+    f.submit("j", &["linux"]);
+    assert_eq!(f.state("j"), JobState::Queued, "not given to a released VM");
+}
+
+#[test]
+fn a_started_job_cannot_be_released_and_bad_tokens_are_refused() {
+    let mut f = Fixture::new();
+    let (vm, token) = f.register(&["linux"]);
+    let (_, other_token) = f.register(&["linux"]);
+    f.submit("j", &["linux"]);
+    f.acquire_now(&vm, &token);
+    assert!(matches!(
+        f.reg.release_vm(&vm, Some(&other_token.0), f.now),
+        Err(RegistryError::BadVmToken)
+    ));
+    assert!(matches!(
+        f.reg.release_vm(&vm, None, f.now),
+        Err(RegistryError::BadVmToken)
+    ));
+    f.deliver("j", &token, &[started(0, 0)]);
+    assert!(matches!(
+        f.reg.release_vm(&vm, Some(&token.0), f.now),
+        Err(RegistryError::JobStarted { .. })
+    ));
+    assert!(matches!(f.state("j"), JobState::Running { .. }));
+}
+
+#[test]
+fn a_job_handed_back_too_often_is_given_up() {
+    let mut f = Fixture::new();
+    f.submit("j", &["linux"]);
+    for round in 1..=MAX_RELEASES {
+        let (vm, token) = f.register(&["linux"]);
+        assert_eq!(f.acquire_now(&vm, &token), jid("j"));
+        let release = f.reg.release_vm(&vm, Some(&token.0), f.now).unwrap();
+        if round < MAX_RELEASES {
+            assert_eq!(release, Release::Requeued(jid("j")));
+        } else {
+            assert_eq!(release, Release::GaveUp(jid("j")));
+            // Still active: the caller ends it with a reason.
+            assert!(matches!(f.state("j"), JobState::Assigned { .. }));
+        }
+    }
+}
+
+#[test]
 fn deregistering_a_busy_vm_hands_back_its_job_to_fail() {
     let mut f = Fixture::new();
     let (idle, _) = f.register(&["linux"]);
