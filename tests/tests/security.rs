@@ -12,6 +12,11 @@
 //!   `vmm-test-hooks` build makes a vCPU thread issue a forbidden syscall
 //!   when the guest asks for it (after boot, mid-job); the VMM must die by
 //!   SIGSYS and the job's result must say "vmm killed by seccomp".
+//! * `a_device_thread_failure_ends_the_vmm_at_once_and_the_job_says_why`:
+//!   the `vmm-test-hooks` build panics its device thread, then (second
+//!   job) makes it fail with an error, when the guest asks for it; each
+//!   time the VMM must exit at once (not hang until the heartbeat timeout)
+//!   and the job's reason must name the thread and what happened.
 //! * `a_noisy_neighbour_does_not_slow_another_vm_beyond_twice_its_solo_time`:
 //!   the daemon with a quiet and a noisy pool; a fixed job alone, then next
 //!   to a VM running a fork bomb, a disk filler, a CPU spinner and log and
@@ -223,6 +228,83 @@ fn a_forbidden_syscall_kills_the_vmm_and_the_job_says_so() {
     assert_eq!(f.get("agent", "rc"), Some("2"), "{o}");
     assert_eq!(f.get("left", "vmms"), Some("0"), "{o}");
     assert_eq!(f.get("left", "dirs"), Some("0"), "{o}");
+}
+
+/// A job that asks the hooked VMM (`vmm::test_hooks::FAULT_PORT`, 1089)
+/// for device-thread fault `mark` (octal, for printf), then would sleep.
+fn fault_job(mark: &str) -> String {
+    format!(
+        "name: device-fault
+runs-on: [linux]
+steps:
+  - name: asks the hooked VMM to break its device thread
+    run: |
+      echo before-the-fault
+      printf '\\{mark}' | dd of=/dev/port bs=1 seek=1089 count=1
+      sleep 60
+      echo still-alive
+"
+    )
+}
+
+const FAULT_SCRIPT: &str = r#"
+# fault_run NAME: the job NAME.yaml on the hooked VMM; facts under NAME.
+fault_run() {
+    run_agent $1 $1.yaml vmm-test-hooks
+    agent=$!
+    wait_for 240 "the $1 job running" grep -qs before-the-fault /tmp/$1.log || { cat /tmp/$1.log; fact $1 error=job-never-ran; }
+    T=$(now)
+    wait $agent; rc=$?
+    fact $1 rc=$rc seconds=$(since $T)
+    cat /tmp/$1.log
+    grep -q 'still-alive' /tmp/$1.log && fact $1 survived=1
+    grep -q 'silent' /tmp/$1.log && fact $1 silent=1
+    vmms=0; for c in /proc/[0-9]*/comm; do case "$(cat $c 2>/dev/null)" in vmm*) vmms=$((vmms+1));; esac; done
+    fact $1_left vmms=$vmms dirs=$(ls /tmp/$1-state/vms | wc -l)
+}
+fault_run panic
+grep -q "exit status: 101" /tmp/panic.log && fact panic status=101
+grep -q "thread 'devices' panicked at vmm/src/test_hooks.rs:[0-9:]*: test hook: device thread panic requested by the guest; ending the VMM" /tmp/panic.log && fact panic named=1
+fault_run error
+grep -q "exit status: 1[^0-9]" /tmp/error.log && fact error status=1
+grep -q "vmm: VM stopped: thread 'devices' ended: handler [0-9]*: test hook: device failure requested by the guest" /tmp/error.log && fact error named=1
+"#;
+
+#[test]
+fn a_device_thread_failure_ends_the_vmm_at_once_and_the_job_says_why() {
+    let script = format!("{SHELL_HELPERS}{PRELUDE}{FAULT_SCRIPT}");
+    let (panic_job, error_job) = (fault_job("002"), fault_job("003"));
+    let jobs = [("panic.yaml", &*panic_job), ("error.yaml", &*error_job)];
+    let out = run_ok("sec-device-fault", &script, 600, &[], &jobs);
+    let o = &out.output;
+    let f = Facts::parse(o);
+    for run in ["panic", "error"] {
+        assert_eq!(f.get(run, "error"), None, "{run}: the job never ran:\n{o}");
+        assert_eq!(
+            f.get(run, "survived"),
+            None,
+            "{run}: the VMM survived:\n{o}"
+        );
+        // Before, the VM hung until the guest-silence timeout (30 s).
+        assert_eq!(
+            f.get(run, "silent"),
+            None,
+            "{run}: hung until silence:\n{o}"
+        );
+        let seconds: f64 = f.get(run, "seconds").unwrap().parse().unwrap();
+        assert!(
+            seconds < 20.0,
+            "{run}: the VMM took {seconds} s to end:\n{o}"
+        );
+        assert_eq!(f.get(run, "named"), Some("1"), "{run}: reason:\n{o}");
+        // `host-agent run` exits 2 for infrastructure errors.
+        assert_eq!(f.get(run, "rc"), Some("2"), "{run}:\n{o}");
+        let left = format!("{run}_left");
+        assert_eq!(f.get(&left, "vmms"), Some("0"), "{run}:\n{o}");
+        assert_eq!(f.get(&left, "dirs"), Some("0"), "{run}:\n{o}");
+    }
+    assert_eq!(f.get("panic", "status"), Some("101"), "{o}");
+    assert_eq!(f.get("error", "status"), Some("1"), "{o}");
 }
 
 /// The daemon (orchestrator + host agent with a "quiet" and a "noisy" pool,

@@ -18,6 +18,9 @@ fn exit_code(code: i32) -> ExitCode {
 /// Runs the `vmm` command line; returns the process exit code.
 pub fn main() -> ExitCode {
     crate::logger::init();
+    // Any panic, on any thread, ends the VMM at once with its reason as the
+    // last log line (see `panic_hook` for why a hook and not abort()).
+    crate::panic_hook::install();
     let cli = Cli::parse();
     let print_config = cli.print_config;
     let config = match cli.into_config().and_then(|c| c.validate().map(|()| c)) {

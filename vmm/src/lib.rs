@@ -21,10 +21,11 @@ pub mod log_limit;
 pub mod logger;
 pub mod machine;
 pub mod memory;
+pub mod panic_hook;
 pub mod rate_limiter;
 pub mod seccomp;
 pub mod smoke;
-#[cfg(feature = "test-hooks")]
+#[cfg(any(test, feature = "test-hooks"))]
 pub mod test_hooks;
 pub mod vcpu;
 pub mod vm;

@@ -5,6 +5,12 @@
 //! errors of vCPUs being torn down must still report the reset). The main
 //! thread blocks on an eventfd until a reason arrives.
 //!
+//! A device or vCPU thread must not end without the VM ending too: each
+//! holds a [`ThreadExitGuard`] for its whole life, which records
+//! [`ExitReason::ThreadEnded`] when the thread returns or unwinds without
+//! having been told to stop. (In the `vmm` binary a panic never unwinds:
+//! `crate::panic_hook` ends the process first.)
+//!
 //! SIGTERM/SIGINT are delivered to a handler that only does
 //! async-signal-safe things: it stores the signal number in an atomic and
 //! writes the eventfd.
@@ -21,6 +27,9 @@ pub const EXIT_OK: i32 = 0;
 pub const EXIT_GUEST_OR_VMM_ERROR: i32 = 1;
 /// Process exit code of an invalid configuration (nothing was started).
 pub const EXIT_BAD_CONFIG: i32 = 2;
+/// Process exit code of a panic anywhere in the VMM (`crate::panic_hook`);
+/// the same code a Rust program returns when its main thread panics.
+pub const EXIT_PANIC: i32 = 101;
 /// Process exit code after SIGTERM/SIGINT: 128 + signal number.
 pub const EXIT_SIGNAL_BASE: i32 = 128;
 
@@ -68,6 +77,14 @@ pub enum ExitReason {
         /// What went wrong.
         message: String,
     },
+    /// A device or vCPU thread ended on its own (an error return of its
+    /// loop, or a panic that unwound): the VM cannot go on without it.
+    ThreadEnded {
+        /// The thread's name (`devices`, `vcpu0`, ...).
+        thread: String,
+        /// Why it ended.
+        message: String,
+    },
 }
 
 impl ExitReason {
@@ -106,6 +123,9 @@ impl std::fmt::Display for ExitReason {
             }
             Self::VcpuError { vcpu, message } => write!(f, "vCPU {vcpu}: {message}"),
             Self::DeviceError { device, message } => write!(f, "device {device}: {message}"),
+            Self::ThreadEnded { thread, message } => {
+                write!(f, "thread '{thread}' ended: {message}")
+            }
         }
     }
 }
@@ -210,6 +230,61 @@ impl ExitSignal {
     }
 }
 
+/// Held by a device or vCPU thread for its whole life: unless the thread
+/// calls [`ThreadExitGuard::stopped`] (it was told to stop), its end stops
+/// the VM with [`ExitReason::ThreadEnded`]: "failed" with the message given
+/// to [`ThreadExitGuard::failed`], "panicked" when it unwinds, "returned"
+/// otherwise.
+#[derive(Debug)]
+pub struct ThreadExitGuard {
+    exit: Arc<ExitSignal>,
+    thread: String,
+    armed: bool,
+}
+
+impl ThreadExitGuard {
+    /// A guard for the thread named `thread`, reporting to `exit`.
+    pub fn new(exit: Arc<ExitSignal>, thread: impl Into<String>) -> Self {
+        Self {
+            exit,
+            thread: thread.into(),
+            armed: true,
+        }
+    }
+
+    /// The thread ends because it was told to: nothing to report.
+    pub fn stopped(mut self) {
+        self.armed = false;
+    }
+
+    /// The thread ends because of `message`: logs it and stops the VM.
+    pub fn failed(mut self, message: impl std::fmt::Display) {
+        self.armed = false;
+        self.end(message.to_string());
+    }
+
+    fn end(&self, message: String) {
+        log::error!("thread '{}' ended: {message}", self.thread);
+        self.exit.request(ExitReason::ThreadEnded {
+            thread: self.thread.clone(),
+            message,
+        });
+    }
+}
+
+impl Drop for ThreadExitGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            let message = if std::thread::panicking() {
+                "panicked"
+            } else {
+                "returned without being told to stop"
+            };
+            self.end(message.to_string());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,5 +321,56 @@ mod tests {
         assert_eq!(ExitReason::GuestPowerOff.exit_code(), 0);
         assert_eq!(ExitReason::Signal(libc::SIGTERM).exit_code(), 143);
         assert_eq!(ExitReason::TripleFault { vcpu: 0 }.exit_code(), 1);
+        let ended = ExitReason::ThreadEnded {
+            thread: "devices".into(),
+            message: "epoll_wait failed".into(),
+        };
+        assert_eq!(ended.exit_code(), EXIT_GUEST_OR_VMM_ERROR);
+        assert_eq!(
+            ended.to_string(),
+            "thread 'devices' ended: epoll_wait failed"
+        );
+    }
+
+    fn ended(exit: &ExitSignal) -> Option<(String, String)> {
+        match exit.reason() {
+            Some(ExitReason::ThreadEnded { thread, message }) => Some((thread, message)),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_guarded_thread_that_is_told_to_stop_reports_nothing() {
+        let exit = ExitSignal::new().unwrap();
+        ThreadExitGuard::new(exit.clone(), "devices").stopped();
+        assert_eq!(exit.reason(), None);
+    }
+
+    #[test]
+    fn a_guarded_thread_that_fails_stops_the_vm_with_its_reason() {
+        let exit = ExitSignal::new().unwrap();
+        ThreadExitGuard::new(exit.clone(), "devices").failed("epoll_wait failed: EBADF");
+        assert_eq!(
+            ended(&exit),
+            Some(("devices".into(), "epoll_wait failed: EBADF".into()))
+        );
+    }
+
+    #[test]
+    fn a_guarded_thread_that_panics_or_just_returns_stops_the_vm() {
+        let exit = ExitSignal::new().unwrap();
+        let guard_exit = exit.clone();
+        let thread = std::thread::spawn(move || {
+            let _guard = ThreadExitGuard::new(guard_exit, "vcpu0");
+            panic!("boom");
+        });
+        assert!(thread.join().is_err());
+        assert_eq!(ended(&exit), Some(("vcpu0".into(), "panicked".into())));
+
+        let exit = ExitSignal::new().unwrap();
+        drop(ThreadExitGuard::new(exit.clone(), "vcpu1"));
+        let (thread, message) = ended(&exit).unwrap();
+        assert_eq!(thread, "vcpu1");
+        assert!(message.contains("without being told"), "{message}");
     }
 }

@@ -144,6 +144,10 @@ pub enum MachineError {
     /// A seccomp filter could not be built or installed.
     #[error(transparent)]
     Seccomp(#[from] SeccompError),
+    /// The test hooks' fault port could not be attached.
+    #[cfg(any(test, feature = "test-hooks"))]
+    #[error(transparent)]
+    FaultPort(#[from] crate::test_hooks::FaultPortError),
 }
 
 /// A built, not yet running microVM.
@@ -268,6 +272,8 @@ impl Machine {
         }
         let mut mmio = Bus::new();
         let mut event_loop = EventLoop::new()?;
+        #[cfg(any(test, feature = "test-hooks"))]
+        crate::test_hooks::attach_fault_port(&mut pio, &mut event_loop)?;
         let mut placer = VirtioPlacer {
             vm: &vm,
             mmio: &mut mmio,
@@ -363,7 +369,7 @@ impl Machine {
     /// others run. A thread that cannot install its filter fails the start.
     pub fn run_with_seccomp(self, filters: Option<&Filters>) -> Result<ExitReason, MachineError> {
         vcpu::install_kick_handler()?;
-        let devices = self.event_loop.spawn(filters.cloned())?;
+        let devices = self.event_loop.spawn(filters.cloned(), self.exit.clone())?;
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::with_capacity(self.vcpus.len());
         for (index, fd) in self.vcpus.into_iter().enumerate() {
@@ -412,5 +418,89 @@ impl Machine {
             );
         }
         Ok(reason?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! KVM tests (tiny guests) of how a failing thread ends the machine;
+    //! skipped without /dev/kvm. The faults come from the test hooks'
+    //! fault port, as in the `vmm-test-hooks` binary.
+
+    use std::path::Path;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::test_hooks::{DEVICE_ERROR_MARK, DEVICE_PANIC_MARK, FAULT_PORT, VCPU_PANIC_MARK};
+
+    /// mov dx, FAULT_PORT; mov al, `mark`; out dx, al; jmp $
+    fn fault_guest(mark: u8) -> BootSource {
+        let port = (FAULT_PORT as u16).to_le_bytes();
+        BootSource::Flat64 {
+            code: vec![0x66, 0xba, port[0], port[1], 0xb0, mark, 0xee, 0xeb, 0xfe],
+            address: 0x1000,
+        }
+    }
+
+    /// Runs a 2-vCPU machine whose BSP writes `mark` to the fault port;
+    /// returns its exit reason and how long the run took.
+    fn run_with_fault(mark: u8) -> Option<(ExitReason, Duration)> {
+        if !Path::new("/dev/kvm").exists() {
+            println!("SKIPPED: /dev/kvm is absent");
+            return None;
+        }
+        let mut config = VmConfig::with_kernel("/unused");
+        config.vcpus = 2;
+        config.memory_mib = 16;
+        config.serial.output = SerialOutput::Null;
+        let exit = ExitSignal::new().unwrap();
+        let machine = Machine::build(&config, &fault_guest(mark), exit.clone()).unwrap();
+        // A machine that hangs (the failed thread ended silently) is ended
+        // by this watchdog, with a reason the assertions reject.
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(10));
+            exit.request(ExitReason::DeviceError {
+                device: "watchdog".into(),
+                message: "nothing stopped the machine within 10 s".into(),
+            });
+        });
+        let started = Instant::now();
+        let reason = machine.run().unwrap();
+        Some((reason, started.elapsed()))
+    }
+
+    fn assert_thread_ended(mark: u8, thread: &str, message: &str) {
+        let Some((reason, took)) = run_with_fault(mark) else {
+            return;
+        };
+        match &reason {
+            ExitReason::ThreadEnded {
+                thread: t,
+                message: m,
+            } => {
+                assert_eq!(t, thread, "{reason}");
+                assert!(m.contains(message), "{reason}");
+            }
+            other => panic!("unexpected reason {other:?}"),
+        }
+        assert_ne!(reason.exit_code(), 0);
+        // Every vCPU (one spinning, one waiting for a SIPI) was kicked out
+        // and joined: `run` returned, and promptly.
+        assert!(took < Duration::from_secs(10), "took {took:?}");
+    }
+
+    #[test]
+    fn a_device_thread_error_stops_the_machine_with_its_reason() {
+        assert_thread_ended(DEVICE_ERROR_MARK, "devices", "device failure requested");
+    }
+
+    #[test]
+    fn a_device_thread_panic_stops_the_machine() {
+        assert_thread_ended(DEVICE_PANIC_MARK, "devices", "panicked");
+    }
+
+    #[test]
+    fn a_vcpu_thread_panic_stops_the_machine() {
+        assert_thread_ended(VCPU_PANIC_MARK, "vcpu0", "panicked");
     }
 }

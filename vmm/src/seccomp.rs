@@ -138,15 +138,31 @@ fn allow_arg_in(syscall: i64, arg: u8, values: &[u64]) -> Result<Rules, seccompi
     Ok(vec![(syscall, rules)])
 }
 
+/// `syscall` allowed only when argument `arg` (32-bit), masked with
+/// `mask`, equals `value`.
+fn allow_arg_masked(
+    syscall: i64,
+    arg: u8,
+    mask: u64,
+    value: u64,
+) -> Result<Rules, seccompiler::BackendError> {
+    let rule = SeccompRule::new(vec![SeccompCondition::new(
+        arg,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::MaskedEq(mask),
+        value,
+    )?])?;
+    Ok(vec![(syscall, vec![rule])])
+}
+
 /// Every thread: memory, locks, signals, logging, closing fds, exiting.
 fn common() -> Result<Rules, seccompiler::BackendError> {
     let mut rules = allow(&[
-        // Allocator: heap growth, large allocations, thread stacks freed at exit.
+        // Allocator: heap growth, large allocations, thread stacks freed at
+        // exit (mmap and mprotect: below, never executable).
         libc::SYS_brk,
-        libc::SYS_mmap,
         libc::SYS_munmap,
         libc::SYS_mremap,
-        libc::SYS_mprotect,
         libc::SYS_madvise,
         // Mutexes, condition variables, Once, thread join.
         libc::SYS_futex,
@@ -172,20 +188,38 @@ fn common() -> Result<Rules, seccompiler::BackendError> {
         libc::SYS_gettid,
         libc::SYS_getpid,
     ]);
-    // Read-only opens (no O_CREAT, no write access): the main thread reads
-    // /proc/self/smaps, and glibc's free() opens
-    // /proc/sys/vm/overcommit_memory the first time it shrinks a thread's
-    // heap (check_may_shrink_heap; found with `strace -f -k` in the nested
-    // test, where the device thread died of it during virtio-net traffic).
-    // Inside the jail only the VM's own files, the kernel, the image and
-    // the VMM's libraries exist; writing or creating files stays fatal.
-    let read_only = SeccompRule::new(vec![SeccompCondition::new(
+    // Memory is mapped or re-protected readable and writable only, never
+    // executable: nothing after start-up needs new code (the binary is
+    // dynamically linked, but every library is loaded before `main`; no
+    // dlopen, no JIT; glibc's thread stacks and malloc heaps are
+    // PROT_READ|PROT_WRITE or PROT_NONE). A compromised thread cannot make
+    // shellcode executable.
+    rules.extend(allow_arg_masked(
+        libc::SYS_mmap,
         2,
-        SeccompCmpArgLen::Dword,
-        SeccompCmpOp::MaskedEq((libc::O_ACCMODE | libc::O_CREAT) as u64),
+        libc::PROT_EXEC as u64,
         0,
-    )?])?;
-    rules.push((libc::SYS_openat, vec![read_only]));
+    )?);
+    rules.extend(allow_arg_masked(
+        libc::SYS_mprotect,
+        2,
+        libc::PROT_EXEC as u64,
+        0,
+    )?);
+    // Opens: exactly `O_RDONLY | O_CLOEXEC`, the flags of every open after
+    // start-up: the main thread reads /proc/self/smaps (Rust's File::open),
+    // and glibc's free() opens /proc/sys/vm/overcommit_memory the first
+    // time it shrinks a thread's heap (check_may_shrink_heap; found with
+    // `strace -f -k` in the nested test, where the device thread died of it
+    // during virtio-net traffic). Any other flag is fatal: write access,
+    // O_CREAT, O_TRUNC (which truncates even a read-only open), O_APPEND,
+    // O_PATH, O_DIRECTORY, ... Inside the jail only the VM's own files, the
+    // kernel, the image and the VMM's libraries exist.
+    rules.extend(allow_arg_in(
+        libc::SYS_openat,
+        2,
+        &[(libc::O_RDONLY | libc::O_CLOEXEC) as u64],
+    )?);
     rules.extend(allow_arg_in(
         libc::SYS_fcntl,
         1,
@@ -359,7 +393,7 @@ mod tests {
 
     /// Runs `body` in a forked child with the `kind` filter installed and
     /// returns how the child ended.
-    fn in_filtered_child(kind: ThreadKind, body: fn()) -> libc::c_int {
+    fn in_filtered_child(kind: ThreadKind, body: impl FnOnce()) -> libc::c_int {
         let program = compile(kind).unwrap();
         // SAFETY: the child only installs the filter, runs `body` (plain
         // syscalls, no locks shared with other test threads) and _exits.
@@ -430,5 +464,103 @@ mod tests {
             unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CREAT, 0o600) };
         });
         assert!(libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS);
+    }
+
+    fn killed_by_seccomp(status: libc::c_int) -> bool {
+        libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS
+    }
+
+    const ALL_KINDS: [ThreadKind; 3] = [ThreadKind::Main, ThreadKind::Vcpu, ThreadKind::Devices];
+
+    #[test]
+    fn only_plain_read_only_opens_pass() {
+        // What the VMM opens after start-up: Rust's File::open and glibc's
+        // internal opens (O_RDONLY | O_CLOEXEC).
+        for kind in ALL_KINDS {
+            let status = in_filtered_child(kind, || {
+                // SAFETY: a valid C string; the fd is closed at once.
+                let fd =
+                    unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+                assert!(fd >= 0);
+                // SAFETY: closing the fd just opened.
+                unsafe { libc::close(fd) };
+            });
+            assert_eq!(status, 0, "{kind:?}: {status:#x}");
+        }
+        let status = in_filtered_child(ThreadKind::Main, || {
+            let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+            assert!(smaps.contains("Rss:"));
+        });
+        assert_eq!(status, 0, "main thread reading smaps: {status:#x}");
+        // Each of these flags (with O_CLOEXEC) is fatal on every thread.
+        // O_TRUNC truncates a file even when opened read-only.
+        for flags in [
+            libc::O_TRUNC,
+            libc::O_APPEND,
+            libc::O_WRONLY,
+            libc::O_RDWR,
+            libc::O_CREAT,
+            libc::O_PATH,
+        ] {
+            for kind in ALL_KINDS {
+                let status = in_filtered_child(kind, || {
+                    let path = c"/tmp/kindling-seccomp-must-not-exist";
+                    // SAFETY: a valid C string; the filter kills the process
+                    // before the kernel sees the call.
+                    unsafe { libc::open(path.as_ptr(), flags | libc::O_CLOEXEC, 0o600) };
+                });
+                assert!(
+                    killed_by_seccomp(status),
+                    "{kind:?}, flags {flags:#x}: {status:#x}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn memory_is_never_mapped_or_made_executable() {
+        fn map(prot: libc::c_int) -> *mut libc::c_void {
+            // SAFETY: an anonymous private mapping, no address hint.
+            unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    prot,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            }
+        }
+        for kind in ALL_KINDS {
+            let status = in_filtered_child(kind, || {
+                let page = map(libc::PROT_READ | libc::PROT_WRITE);
+                assert_ne!(page, libc::MAP_FAILED);
+                // SAFETY: `page` is the 4 KiB mapping just made.
+                assert_eq!(unsafe { libc::mprotect(page, 4096, libc::PROT_READ) }, 0);
+                // SAFETY: as above.
+                assert_eq!(unsafe { libc::mprotect(page, 4096, libc::PROT_NONE) }, 0);
+            });
+            assert_eq!(
+                status, 0,
+                "{kind:?}: read/write mappings must pass: {status:#x}"
+            );
+            let status = in_filtered_child(kind, || {
+                map(libc::PROT_READ | libc::PROT_EXEC);
+            });
+            assert!(
+                killed_by_seccomp(status),
+                "{kind:?}: mmap PROT_EXEC: {status:#x}"
+            );
+            let status = in_filtered_child(kind, || {
+                let page = map(libc::PROT_READ | libc::PROT_WRITE);
+                // SAFETY: `page` is the 4 KiB mapping just made.
+                unsafe { libc::mprotect(page, 4096, libc::PROT_READ | libc::PROT_EXEC) };
+            });
+            assert!(
+                killed_by_seccomp(status),
+                "{kind:?}: mprotect PROT_EXEC: {status:#x}"
+            );
+        }
     }
 }

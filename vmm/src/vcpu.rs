@@ -25,7 +25,7 @@ use crate::arch::x86_64::lapic::{LapicError, setup_lint};
 use crate::arch::x86_64::msr::{MsrError, setup_msrs};
 use crate::arch::x86_64::regs::{EntryPoint, RegsError, setup_fpu, setup_regs, setup_sregs};
 use crate::devices::bus::Bus;
-use crate::lifecycle::{ExitReason, ExitSignal};
+use crate::lifecycle::{ExitReason, ExitSignal, ThreadExitGuard};
 use crate::logger::since_start;
 use crate::seccomp::{Filters, SeccompError, ThreadKind};
 use crate::vm::Vm;
@@ -149,7 +149,13 @@ impl VcpuRunner {
                 let ok = installed.is_ok();
                 let _ = ready_tx.send(installed);
                 if ok {
+                    // `run` returns when told to stop or after recording
+                    // why the VM stops; only an unwinding panic (library
+                    // builds: the `vmm` binary ends the process on any
+                    // panic) leaves the guard armed.
+                    let guard = ThreadExitGuard::new(self.exit.clone(), format!("vcpu{index}"));
                     self.run();
+                    guard.stopped();
                 }
             })
             .map_err(|e| VcpuError::Spawn(index, e))?;
@@ -275,9 +281,8 @@ pub fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
             let _ = thread.kill(kick_signal());
             std::thread::sleep(Duration::from_micros(200));
         }
-        if thread.join().is_err() {
-            log::error!("a vCPU thread panicked");
-        }
+        // A panic was reported by the thread's exit guard already.
+        let _ = thread.join();
     }
     log::debug!("all vCPUs stopped at {:?}", since_start());
 }
