@@ -111,6 +111,6 @@ echo "raw firecracker (t0 t1 t2): $(tr '\n' ' ' < /tmp/fc)"
 EOF
 set -- --bin "$TARGET/release/vmm" --bin /usr/sbin/nft --bin /usr/sbin/ip
 if [ -x "$PEER" ]; then set -- "$@" --bin "$PEER"; else echo "no Firecracker at $PEER: ours only" >&2; fi
-for m in tun veth nf_tables nf_conntrack nf_nat nft_nat nft_masq nft_chain_nat; do set -- "$@" --module "$m"; done
+for m in tun veth nf_tables nf_conntrack nf_nat nft_nat nft_masq nft_chain_nat nf_conncount nft_connlimit; do set -- "$@" --module "$m"; done
 "$TARGET/release/harness" run --name net-bench --script "$WORK/scenario.sh" "$@" \
   --asset "$KERNEL_DIR/vmlinux" --asset "$WORK/rootfs.ext4" --timeout 900

@@ -187,6 +187,22 @@ pub struct PoolConfig {
     /// Per-VM bandwidth and packet-rate limits (token buckets in the VMM).
     #[serde(default)]
     pub rate_limit: RateLimitConfig,
+    /// Most connections (conntrack entries) one VM may have open at once
+    /// (default 4096); its further new connections are dropped, so a VM
+    /// cannot fill the host's connection-tracking table. Only used by pools
+    /// with a network.
+    #[serde(default = "default_conntrack_limit")]
+    pub conntrack_limit: u32,
+}
+
+/// Default of [`PoolConfig::conntrack_limit`].
+pub const DEFAULT_CONNTRACK_LIMIT: u32 = 4096;
+
+/// Largest accepted [`PoolConfig::conntrack_limit`].
+pub const MAX_CONNTRACK_LIMIT: u32 = 1 << 20;
+
+fn default_conntrack_limit() -> u32 {
+    DEFAULT_CONNTRACK_LIMIT
 }
 
 /// `[pool.rate_limit]`: per-VM limits, per direction (`rx`: to the guest,
@@ -345,6 +361,20 @@ impl Config {
                 ));
             }
             for (j, rule) in pool.allow.iter().enumerate() {
+                // An allow entry is accepted before the VM-to-VM drop: one
+                // reaching into the VM subnet would connect VMs.
+                let subnet = self.network.subnet;
+                if rule.cidr.contains(&subnet.network()) || subnet.contains(&rule.cidr.network()) {
+                    return Err(invalid(
+                        format!("pool[{i}].allow[{j}].cidr"),
+                        format!(
+                            "pool {:?}: allow entry {} overlaps the VM subnet {subnet} \
+                             (network.subnet), so its VMs could reach other VMs; allow \
+                             only destinations outside the VM subnet",
+                            pool.name, rule.cidr
+                        ),
+                    ));
+                }
                 if rule.ports.contains(&0) {
                     return Err(invalid(
                         format!("pool[{i}].allow[{j}].ports"),
@@ -365,6 +395,12 @@ impl Config {
                         "0 would stop all traffic; leave it unset for no limit",
                     ));
                 }
+            }
+            if pool.conntrack_limit == 0 || pool.conntrack_limit > MAX_CONNTRACK_LIMIT {
+                return Err(invalid(
+                    at("conntrack_limit"),
+                    format!("must be between 1 and {MAX_CONNTRACK_LIMIT}"),
+                ));
             }
             if pool.network == PoolNetwork::None && pool.rate_limit != RateLimitConfig::default() {
                 return Err(invalid(at("rate_limit"), "the pool has no network"));
@@ -623,6 +659,45 @@ image = "{d}/image.erofs"
         );
         let bad = text.replace("deny-all", "open");
         assert!(load(&bad, dir.path()).is_err());
+    }
+
+    #[test]
+    fn an_allow_entry_overlapping_the_vm_subnet_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = sample(dir.path())
+            .replace("[limits]", "[network]\nsubnet = \"10.77.0.0/24\"\n[limits]")
+            + "network = \"nat\"\n";
+        for cidr in ["10.77.0.0/24", "10.77.0.8/30", "10.0.0.0/8", "0.0.0.0/0"] {
+            let text = format!(
+                "{base}allow = [{{ cidr = \"192.0.2.0/24\" }}, {{ cidr = \"{cidr}\", ports = [22] }}]\n"
+            );
+            let err = load(&text, dir.path()).unwrap_err().to_string();
+            assert!(err.contains("pool[0].allow[1].cidr"), "{cidr}: {err}");
+            assert!(err.contains("pool \"small\""), "{cidr}: {err}");
+            assert!(
+                err.contains(&format!("allow entry {cidr}")),
+                "{cidr}: {err}"
+            );
+            assert!(err.contains("VM subnet 10.77.0.0/24"), "{cidr}: {err}");
+        }
+        // Next to it, but not overlapping: fine.
+        let text = format!("{base}allow = [{{ cidr = \"10.77.1.0/24\" }}]\n");
+        let c = load(&text, dir.path()).unwrap();
+        assert_eq!(c.pools[0].conntrack_limit, DEFAULT_CONNTRACK_LIMIT);
+    }
+
+    #[test]
+    fn the_conntrack_limit_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = sample(dir.path()) + "network = \"nat\"\n";
+        let c = load(&format!("{base}conntrack_limit = 100\n"), dir.path()).unwrap();
+        assert_eq!(c.pools[0].conntrack_limit, 100);
+        for bad in [0, MAX_CONNTRACK_LIMIT + 1] {
+            let err = load(&format!("{base}conntrack_limit = {bad}\n"), dir.path())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("pool[0].conntrack_limit"), "{err}");
+        }
     }
 
     #[test]

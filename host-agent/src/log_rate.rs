@@ -8,12 +8,19 @@
 //! then blocks the guest's writer, so the flood slows down inside its own VM
 //! and nothing is dropped or buffered on the host.
 //!
+//! Every event read from the guest is charged [`EVENT_COST_BYTES`] on top
+//! of the output it carries, so a flood of tiny (or output-less) messages
+//! is paced like a flood of bytes: relaying an event costs about the same
+//! whatever its size.
+//!
 //! The bucket holds one second's worth of bytes (the burst); a chunk larger
 //! than what is left is accepted and leaves the bucket in debt, so a single
 //! chunk is never refused and the average rate still holds.
 
 use std::num::NonZeroU64;
 use std::time::{Duration, Instant};
+
+pub use protocol::limits::EVENT_COST_BYTES;
 
 /// A token bucket over log bytes.
 #[derive(Debug, Clone)]
@@ -34,6 +41,13 @@ impl LogRateLimit {
             tokens: rate,
             last_refill: now,
         }
+    }
+
+    /// Charges one event carrying `output_bytes` of log output at `now`:
+    /// [`EVENT_COST_BYTES`] plus the output. Returns what [`Self::charge`]
+    /// returns.
+    pub fn charge_event(&mut self, output_bytes: usize, now: Instant) -> Option<Duration> {
+        self.charge(EVENT_COST_BYTES.saturating_add(output_bytes), now)
     }
 
     /// Charges `bytes` at `now`; returns how long the relay must wait before
@@ -95,6 +109,29 @@ mod tests {
         let later = t0 + Duration::from_secs(3600);
         assert_eq!(l.charge(1000, later), None);
         assert!(l.charge(1, later).is_some());
+    }
+
+    #[test]
+    fn tiny_events_are_charged_their_fixed_cost() {
+        let t0 = Instant::now();
+        let mut l = limit(64 << 10, t0);
+        // A second's worth of bytes in one-byte events: far fewer than 64 Ki
+        // of them pass before the relay must wait.
+        let passed = (0..(64 << 10))
+            .take_while(|_| l.charge_event(1, t0).is_none())
+            .count();
+        assert_eq!(passed, (64 << 10) / (EVENT_COST_BYTES + 1));
+        // An event without output is not free either.
+        let mut l = limit(1000, t0);
+        let mut now = t0;
+        for _ in 0..100 {
+            if let Some(wait) = l.charge_event(0, now) {
+                now += wait;
+            }
+        }
+        let secs = (now - t0).as_secs_f64();
+        let expected = (100 * EVENT_COST_BYTES - 1000) as f64 / 1000.0;
+        assert!((secs - expected).abs() < 1e-3, "{secs} vs {expected}");
     }
 
     #[test]

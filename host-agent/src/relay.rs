@@ -111,21 +111,7 @@ async fn relay(
     log_rate: Option<LogRateLimit>,
     send: bool,
 ) -> RelayOutcome {
-    let mut state = Relay {
-        batch: Batch {
-            events: Vec::new(),
-            bytes: 0,
-        },
-        step: None,
-        first_log: None,
-        cancel_sent: false,
-        last_post: Instant::now(),
-        post_before_last: Instant::now()
-            .checked_sub(FLUSH_INTERVAL)
-            .unwrap_or_else(Instant::now),
-        log_rate,
-        paused_until: None,
-    };
+    let mut state = Relay::new(log_rate);
     let result = state.drive(vm, channel, job, sink, send).await;
     // Whatever happened, the job's last event says how it ended.
     state
@@ -156,6 +142,24 @@ struct Relay {
 }
 
 impl Relay {
+    fn new(log_rate: Option<LogRateLimit>) -> Relay {
+        Relay {
+            batch: Batch {
+                events: Vec::new(),
+                bytes: 0,
+            },
+            step: None,
+            first_log: None,
+            cancel_sent: false,
+            last_post: Instant::now(),
+            post_before_last: Instant::now()
+                .checked_sub(FLUSH_INTERVAL)
+                .unwrap_or_else(Instant::now),
+            log_rate,
+            paused_until: None,
+        }
+    }
+
     fn during(&self) -> String {
         match self.step {
             Some(s) => format!(" during step {}", s + 1),
@@ -225,18 +229,22 @@ impl Relay {
     }
 
     fn record(&mut self, msg: GuestMessage) {
+        let mut output = 0;
         match &msg {
             GuestMessage::StepStarted(s) => self.step = Some(s.step),
             GuestMessage::LogChunk(c) => {
                 self.first_log.get_or_insert_with(Instant::now);
                 self.batch.bytes += c.data.len();
-                if let Some(limit) = &mut self.log_rate
-                    && let Some(wait) = limit.charge(c.data.len(), Instant::now())
-                {
-                    self.paused_until = Some(tokio::time::Instant::now() + wait);
-                }
+                output = c.data.len();
             }
             _ => {}
+        }
+        // Every message costs the host a read and (most) a relayed event,
+        // whatever it carries: each is charged a fixed cost plus its output.
+        if let Some(limit) = &mut self.log_rate
+            && let Some(wait) = limit.charge_event(output, Instant::now())
+        {
+            self.paused_until = Some(tokio::time::Instant::now() + wait);
         }
         if let Some(event) = JobEventKind::from_guest(msg) {
             self.batch.events.push(event);
@@ -323,6 +331,40 @@ mod tests {
         assert!(!batch_of(MAX_BATCH_EVENTS - 1, 10).due(recent));
         assert!(batch_of(MAX_BATCH_EVENTS, 10).due(recent));
         assert!(batch_of(1, MAX_BATCH_BYTES).due(recent));
+    }
+
+    #[test]
+    fn tiny_log_chunks_are_charged_against_the_rate_limit() {
+        use protocol::limits::EVENT_COST_BYTES;
+        use std::num::NonZeroU64;
+        // A burst of 64 KiB: 1024 one-byte chunks are 1 KiB of output but
+        // cost 1024 * (1 + EVENT_COST_BYTES) bytes, well over the burst.
+        let rate = NonZeroU64::new(64 << 10).unwrap();
+        let mut relay = Relay::new(Some(LogRateLimit::new(rate, Instant::now())));
+        let events = 1024;
+        assert!(events * (1 + EVENT_COST_BYTES) > 2 * (64 << 10));
+        for seq in 0..events as u64 {
+            relay.record(GuestMessage::LogChunk(LogChunk {
+                step: 0,
+                stream: OutputStream::Stdout,
+                seq,
+                data: vec![b'x'],
+            }));
+        }
+        let paused = relay.paused_until.expect("the relay pauses");
+        assert!(
+            paused > tokio::time::Instant::now() + Duration::from_millis(500),
+            "paused only until {paused:?}"
+        );
+        // Heartbeats (no event, no output) are charged too.
+        let mut relay = Relay::new(Some(LogRateLimit::new(
+            NonZeroU64::new(EVENT_COST_BYTES as u64).unwrap(),
+            Instant::now(),
+        )));
+        relay.record(GuestMessage::Heartbeat);
+        assert!(relay.paused_until.is_none(), "one fits the burst");
+        relay.record(GuestMessage::Heartbeat);
+        assert!(relay.paused_until.is_some(), "the second does not");
     }
 
     #[test]

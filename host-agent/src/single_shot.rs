@@ -139,6 +139,7 @@ pub async fn run(opts: RunOptions) -> Result<i32, String> {
             },
             allow: Vec::new(),
             rate_limit: opts.rate_limit,
+            conntrack_limit: crate::config::DEFAULT_CONNTRACK_LIMIT,
         }],
         jail: crate::jail::JailConfig {
             enabled: opts.jail,

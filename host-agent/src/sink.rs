@@ -1,8 +1,8 @@
 //! The orchestrator as an [`EventSink`]: numbers a job's events from 0,
-//! posts them with the VM's token, retries transport failures (posts are
-//! idempotent by sequence number), and reads `410 Gone` as "the job was
-//! ended on the orchestrator's side" (cancelled, or timed out there), which
-//! the relay turns into a `Cancel` for the guest.
+//! posts them with the VM's token, retries transport failures and `503`
+//! (posts are idempotent by sequence number), and reads `410 Gone` as "the
+//! job was ended on the orchestrator's side" (cancelled, or timed out
+//! there), which the relay turns into a `Cancel` for the guest.
 
 use std::time::Duration;
 
@@ -68,7 +68,9 @@ impl EventSink for OrchestratorSink {
                     self.gone = true;
                     return Ok(true);
                 }
-                Err(e @ ClientError::Transport { .. }) if attempt < ATTEMPTS => {
+                // 503: the orchestrator sheds load (its concurrency bound)
+                // or is stopping; like a broken connection, worth a retry.
+                Err(e) if attempt < ATTEMPTS && is_retryable(&e) => {
                     tracing::warn!(job = %self.job_id, attempt, error = %e, "posting events failed; retrying");
                     tokio::time::sleep(delay).await;
                     delay *= 2;
@@ -77,5 +79,33 @@ impl EventSink for OrchestratorSink {
             }
         }
         Err("posting events failed".into())
+    }
+}
+
+/// Whether a failed post is worth repeating: the connection broke, or the
+/// orchestrator answered `503 Service Unavailable` (load shed).
+fn is_retryable(e: &ClientError) -> bool {
+    matches!(e, ClientError::Transport { .. })
+        || e.status() == Some(StatusCode::SERVICE_UNAVAILABLE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_shedding_and_broken_connections_are_retried_other_answers_are_not() {
+        let api = |status| ClientError::Api {
+            status,
+            message: String::new(),
+            next_seq: None,
+        };
+        assert!(is_retryable(&api(StatusCode::SERVICE_UNAVAILABLE)));
+        assert!(!is_retryable(&api(StatusCode::BAD_REQUEST)));
+        assert!(!is_retryable(&api(StatusCode::UNAUTHORIZED)));
+        assert!(!is_retryable(&ClientError::Decode {
+            url: String::new(),
+            reason: String::new(),
+        }));
     }
 }

@@ -111,6 +111,7 @@ async fn world(pools: &[(&str, &[&str], u32)]) -> World {
                 network: Default::default(),
                 allow: Vec::new(),
                 rate_limit: Default::default(),
+                conntrack_limit: host_agent::config::DEFAULT_CONNTRACK_LIMIT,
             })
             .collect(),
         // A script stands in for the VMM here: no jail.

@@ -109,6 +109,27 @@ impl Credentials {
     }
 }
 
+/// The bearer a route needs, checked before its body is read (see
+/// `http`): a wrong credential is refused without reading a byte of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Access {
+    /// None (metrics).
+    Public,
+    /// The host credential.
+    Host,
+    /// The client credential.
+    Client,
+    /// The token of this VM.
+    Vm(VmId),
+    /// The token of the VM that holds (or held) this job.
+    JobVm(JobId),
+    /// The client credential or the token of this job's VM.
+    ClientOrJobVm(JobId),
+    /// Any credential or registered VM token: routes without a rule of
+    /// their own (their handlers check exactly).
+    Any,
+}
+
 /// The token of an `Authorization: Bearer <token>` header value, if the value
 /// has that shape (scheme case-insensitive, token non-empty).
 pub fn parse_bearer(header_value: &str) -> Option<&str> {

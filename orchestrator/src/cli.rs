@@ -81,9 +81,18 @@ pub struct ServeArgs {
     /// Most jobs waiting in the queue.
     #[arg(long, default_value_t = Limits::default().max_queued_jobs)]
     pub max_queued_jobs: usize,
-    /// Most output bytes kept per job.
+    /// Most log bytes kept per job (output plus a fixed cost per event).
     #[arg(long, default_value_t = Limits::default().max_log_bytes)]
     pub max_log_bytes: u64,
+    /// Most events kept per job (later log chunks are dropped).
+    #[arg(long, default_value_t = Limits::default().max_log_events)]
+    pub max_log_events: u64,
+    /// Most requests served at once, long polls aside (more get 503).
+    #[arg(long, default_value_t = Limits::default().max_concurrent_requests)]
+    pub max_concurrent_requests: usize,
+    /// Most long polls (acquire, log follows) open at once (more get 503).
+    #[arg(long, default_value_t = Limits::default().max_long_polls)]
+    pub max_long_polls: usize,
     /// Ceiling on every job's timeout (e.g. "2h").
     #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
     pub max_job_timeout: Duration,
@@ -211,6 +220,9 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
         max_waiting_vms: args.max_waiting_vms,
         max_queued_jobs: args.max_queued_jobs,
         max_log_bytes: args.max_log_bytes,
+        max_log_events: args.max_log_events,
+        max_concurrent_requests: args.max_concurrent_requests,
+        max_long_polls: args.max_long_polls,
         max_job_timeout: args.max_job_timeout,
         timeout_grace: args.timeout_grace,
         max_queue_wait: args.max_queue_wait,

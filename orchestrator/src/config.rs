@@ -8,6 +8,7 @@ use std::time::Duration;
 use protocol::limits;
 
 use crate::auth::Credentials;
+use crate::event_log::LogBounds;
 
 /// Body limit of `POST /v1/jobs/{id}/events`: a full batch of
 /// [`limits::MAX_EVENTS_PER_POST`] 64 KiB log chunks is about 22 MiB of JSON.
@@ -42,8 +43,22 @@ pub struct Limits {
     pub max_waiting_vms: usize,
     /// Most jobs queued (submitted, not yet assigned) at once.
     pub max_queued_jobs: usize,
-    /// Most output bytes stored per job; later output is dropped with a notice.
+    /// Most log bytes stored per job (output plus
+    /// [`limits::EVENT_COST_BYTES`] per event); later output is dropped with
+    /// a notice.
     pub max_log_bytes: u64,
+    /// Most events stored per job; later log chunks are dropped with a
+    /// notice (step results and the job's end are always stored).
+    pub max_log_events: u64,
+    /// Most requests served at once, long polls aside; more wait up to
+    /// `request_queue_wait` (at most as many again), then get 503.
+    pub max_concurrent_requests: usize,
+    /// How long a request may wait for one of `max_concurrent_requests`.
+    pub request_queue_wait: Duration,
+    /// Most long polls (acquire, event follows) open at once; more get 503.
+    /// Kept apart from `max_concurrent_requests` so that idle waiting VMs
+    /// and followers never starve event posts and submissions.
+    pub max_long_polls: usize,
     /// Ceiling on every job's timeout: a spec asking for more gets this.
     pub max_job_timeout: Duration,
     /// How long after its timeout a job may stay without a completion from
@@ -69,6 +84,10 @@ impl Default for Limits {
             max_waiting_vms: 10_000,
             max_queued_jobs: 10_000,
             max_log_bytes: 128 * 1024 * 1024,
+            max_log_events: 1_000_000,
+            max_concurrent_requests: 128,
+            request_queue_wait: Duration::from_secs(2),
+            max_long_polls: 20_000,
             max_job_timeout: Duration::from_secs(limits::MAX_TIMEOUT_SECS),
             timeout_grace: Duration::from_secs(60),
             max_queue_wait: Duration::from_secs(24 * 60 * 60),
@@ -89,6 +108,12 @@ impl Limits {
             ("max_queued_jobs", self.max_queued_jobs),
             ("page_max_events", self.page_max_events),
             ("page_max_bytes", self.page_max_bytes),
+            ("max_concurrent_requests", self.max_concurrent_requests),
+            ("max_long_polls", self.max_long_polls),
+            (
+                "max_log_events",
+                usize::try_from(self.max_log_events).unwrap_or(usize::MAX),
+            ),
         ];
         for (name, value) in counts {
             if value == 0 {
@@ -106,6 +131,14 @@ impl Limits {
             });
         }
         Ok(())
+    }
+
+    /// The bounds of every job's log.
+    pub fn log_bounds(&self) -> LogBounds {
+        LogBounds {
+            max_bytes: self.max_log_bytes,
+            max_events: self.max_log_events,
+        }
     }
 
     /// The timeout, in seconds, of a job whose spec asks for `spec_secs`.

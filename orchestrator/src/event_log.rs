@@ -13,10 +13,14 @@
 //! only. An append that fails is cut back off the file, so the file never
 //! holds a partial line either.
 //!
-//! Output is bounded per job: once the log chunks of a job carry more than
-//! the configured number of bytes, the chunk that crosses the limit is
-//! replaced by a notice and later chunks keep their `seq` but lose their
-//! data, so sequence numbers (and step results) stay intact.
+//! Output is bounded per job, in bytes and in events ([`LogBounds`]). Every
+//! event is charged [`EVENT_COST_BYTES`] on top of its output, so a flood
+//! of tiny chunks fills the byte budget as its lines fill the disk. Once a
+//! bound is reached, the chunk that crosses it is replaced by a notice and
+//! later log chunks are not stored at all: their `seq`s are skipped (the
+//! log has gaps from there on; readers never assume it has none). Step
+//! results and the job's end are always stored (there are at most a few
+//! hundred of them), so the job can finish and report normally.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
@@ -25,6 +29,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use protocol::api::{JobEvent, JobEventKind};
+use protocol::limits::EVENT_COST_BYTES;
 use serde::{Deserialize, Serialize};
 
 /// Longest line a log file may contain (a full 64 KiB chunk in base64 is
@@ -122,17 +127,32 @@ impl SparseIndex {
     }
 }
 
+/// The bounds of one job's log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogBounds {
+    /// Most bytes charged: output plus [`EVENT_COST_BYTES`] per event.
+    pub max_bytes: u64,
+    /// Most events (lines) stored before log chunks are dropped.
+    pub max_events: u64,
+}
+
 /// What is known about a log file without reading it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogSummary {
-    /// Number of events (the next seq).
+    /// The next seq (one more than the last event received, stored or not).
     pub events: u64,
     /// Length of the file, in bytes.
     pub file_bytes: u64,
     /// Output bytes kept (data of the log chunks).
     pub output_bytes: u64,
-    /// Whether output was dropped because of the size limit.
+    /// Whether output was dropped because of a bound.
     pub truncated: bool,
+    /// Events stored in the file (fewer than `events` once output is dropped).
+    #[serde(default)]
+    pub stored_events: u64,
+    /// Bytes charged against [`LogBounds::max_bytes`].
+    #[serde(default)]
+    pub charged_bytes: u64,
     /// Offsets for seeking.
     pub index: SparseIndex,
 }
@@ -145,6 +165,26 @@ impl LogSummary {
             path,
             start: offset.min(self.file_bytes),
             end: self.file_bytes,
+        }
+    }
+}
+
+/// The counters of a [`LogSummary`] an append changes.
+#[derive(Debug, Clone, Copy)]
+struct Counters {
+    output_bytes: u64,
+    truncated: bool,
+    stored_events: u64,
+    charged_bytes: u64,
+}
+
+impl Counters {
+    fn of(summary: &LogSummary) -> Self {
+        Self {
+            output_bytes: summary.output_bytes,
+            truncated: summary.truncated,
+            stored_events: summary.stored_events,
+            charged_bytes: summary.charged_bytes,
         }
     }
 }
@@ -163,13 +203,13 @@ pub struct EventLog {
     path: PathBuf,
     file: Arc<File>,
     summary: LogSummary,
-    max_output_bytes: u64,
+    bounds: LogBounds,
 }
 
 impl EventLog {
     /// Creates a new, empty log file (owner-only permissions; fails if it
     /// exists). Blocking.
-    pub fn create(path: PathBuf, max_output_bytes: u64) -> Result<Self, EventLogError> {
+    pub fn create(path: PathBuf, bounds: LogBounds) -> Result<Self, EventLogError> {
         let file = OpenOptions::new()
             .append(true)
             .create_new(true)
@@ -180,7 +220,7 @@ impl EventLog {
             path,
             file: Arc::new(file),
             summary: LogSummary::default(),
-            max_output_bytes,
+            bounds,
         })
     }
 
@@ -205,11 +245,10 @@ impl EventLog {
     }
 
     /// Appends `events`, which must continue the log without a gap. Output
-    /// over the size limit is dropped (see the module docs).
+    /// over a bound is dropped (see the module docs).
     pub async fn append(&mut self, events: &mut [JobEvent]) -> Result<(), EventLogError> {
         let mut expected = self.summary.events;
-        let mut output_bytes = self.summary.output_bytes;
-        let mut truncated = self.summary.truncated;
+        let mut next = Counters::of(&self.summary);
         let mut buffer = Vec::new();
         let mut index_points = Vec::with_capacity(events.len());
         for event in events.iter_mut() {
@@ -219,43 +258,62 @@ impl EventLog {
                     got: event.seq,
                 });
             }
+            expected += 1;
             if let JobEventKind::LogChunk(chunk) = &mut event.event {
+                if next.truncated {
+                    continue;
+                }
                 let len = chunk.data.len() as u64;
-                if truncated {
-                    chunk.data.clear();
-                } else if output_bytes.saturating_add(len) > self.max_output_bytes {
-                    truncated = true;
+                let cost = len.saturating_add(EVENT_COST_BYTES as u64);
+                if next.stored_events >= self.bounds.max_events {
+                    next.truncated = true;
                     chunk.data = format!(
-                        "\n[kindling: output limit of {} bytes reached; \
+                        "\n[kindling: log limit of {} events reached; \
                          further output of this job is dropped]\n",
-                        self.max_output_bytes
+                        self.bounds.max_events
+                    )
+                    .into_bytes();
+                } else if next.charged_bytes.saturating_add(cost) > self.bounds.max_bytes {
+                    next.truncated = true;
+                    chunk.data = format!(
+                        "\n[kindling: output limit of {} bytes reached (output plus {} \
+                         bytes per event); further output of this job is dropped]\n",
+                        self.bounds.max_bytes, EVENT_COST_BYTES
                     )
                     .into_bytes();
                 } else {
-                    output_bytes += len;
+                    next.output_bytes += len;
                 }
             }
+            next.charged_bytes = next
+                .charged_bytes
+                .saturating_add(EVENT_COST_BYTES as u64)
+                .saturating_add(match &event.event {
+                    JobEventKind::LogChunk(chunk) => chunk.data.len() as u64,
+                    _ => 0,
+                });
+            next.stored_events += 1;
             index_points.push((event.seq, self.summary.file_bytes + buffer.len() as u64));
             serde_json::to_writer(&mut buffer, &event).map_err(|err| {
                 EventLogError::io(&self.path, io::Error::new(io::ErrorKind::InvalidData, err))
             })?;
             buffer.push(b'\n');
-            expected += 1;
         }
-        if buffer.is_empty() {
-            return Ok(());
+        if !buffer.is_empty() {
+            let file = Arc::clone(&self.file);
+            let old_len = self.summary.file_bytes;
+            let buffer_len = buffer.len() as u64;
+            tokio::task::spawn_blocking(move || write_or_roll_back(&file, &buffer, old_len))
+                .await
+                .map_err(|err| EventLogError::Task(err.to_string()))?
+                .map_err(|err| EventLogError::io(&self.path, err))?;
+            self.summary.file_bytes += buffer_len;
         }
-        let file = Arc::clone(&self.file);
-        let old_len = self.summary.file_bytes;
-        let written = buffer.len() as u64;
-        tokio::task::spawn_blocking(move || write_or_roll_back(&file, &buffer, old_len))
-            .await
-            .map_err(|err| EventLogError::Task(err.to_string()))?
-            .map_err(|err| EventLogError::io(&self.path, err))?;
         self.summary.events = expected;
-        self.summary.file_bytes += written;
-        self.summary.output_bytes = output_bytes;
-        self.summary.truncated = truncated;
+        self.summary.output_bytes = next.output_bytes;
+        self.summary.truncated = next.truncated;
+        self.summary.stored_events = next.stored_events;
+        self.summary.charged_bytes = next.charged_bytes;
         for (seq, offset) in index_points {
             self.summary.index.record(seq, offset);
         }
@@ -360,6 +418,13 @@ mod tests {
         }
     }
 
+    fn bounds(max_bytes: u64) -> LogBounds {
+        LogBounds {
+            max_bytes,
+            max_events: u64::MAX,
+        }
+    }
+
     fn data_of(event: &JobEvent) -> &[u8] {
         match &event.event {
             JobEventKind::LogChunk(chunk) => &chunk.data,
@@ -374,7 +439,7 @@ mod tests {
     #[tokio::test]
     async fn append_then_read_pages_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = EventLog::create(dir.path().join("j.log.jsonl"), 1 << 20).unwrap();
+        let mut log = EventLog::create(dir.path().join("j.log.jsonl"), bounds(1 << 20)).unwrap();
         let started = JobEvent {
             seq: 0,
             event: JobEventKind::StepStarted(StepStarted {
@@ -408,7 +473,7 @@ mod tests {
     async fn gaps_are_refused_and_files_are_private() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j.log.jsonl");
-        let mut log = EventLog::create(path.clone(), 1 << 20).unwrap();
+        let mut log = EventLog::create(path.clone(), bounds(1 << 20)).unwrap();
         let err = log.append(&mut [chunk(1, b"x")]).await.unwrap_err();
         assert!(matches!(
             err,
@@ -421,43 +486,117 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        assert!(EventLog::create(path, 1).is_err(), "never reuses a file");
+        assert!(
+            EventLog::create(path, bounds(1)).is_err(),
+            "never reuses a file"
+        );
     }
 
     #[tokio::test]
-    async fn output_over_the_limit_is_dropped_but_seqs_stay() {
+    async fn output_over_the_limit_is_dropped_but_step_events_stay() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = EventLog::create(dir.path().join("j.log.jsonl"), 10).unwrap();
+        let cost = EVENT_COST_BYTES as u64;
+        // Room for two 8-byte chunks with their fixed cost, not a third.
+        let max = 2 * (8 + cost) + 4;
+        let mut log = EventLog::create(dir.path().join("j.log.jsonl"), bounds(max)).unwrap();
         let finished = JobEvent {
-            seq: 3,
+            seq: 5,
             event: JobEventKind::JobFinished(JobFinished {
                 result: JobResult::Succeeded,
             }),
         };
+        let step = |seq| JobEvent {
+            seq,
+            event: JobEventKind::StepStarted(StepStarted {
+                step: 0,
+                name: "s".into(),
+            }),
+        };
         log.append(&mut [
             chunk(0, b"12345678"),
-            chunk(1, b"abcdef"),
+            chunk(1, b"abcdefgh"),
             chunk(2, b"more"),
+            chunk(3, b"dropped"),
+            step(4),
             finished.clone(),
         ])
         .await
         .unwrap();
         let all = read_all(&log, 0);
+        assert_eq!(
+            all.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            [0, 1, 2, 4, 5]
+        );
         assert_eq!(data_of(&all[0]), b"12345678");
+        assert_eq!(data_of(&all[1]), b"abcdefgh");
         assert!(
-            String::from_utf8_lossy(data_of(&all[1])).contains("output limit of 10 bytes"),
+            String::from_utf8_lossy(data_of(&all[2]))
+                .contains(&format!("output limit of {max} bytes")),
             "notice replaces the chunk that crosses the limit"
         );
-        assert!(data_of(&all[2]).is_empty());
-        assert_eq!(all[3], finished);
-        assert!(log.summary().truncated);
-        assert_eq!(log.summary().output_bytes, 8);
+        assert_eq!(all[3], step(4), "step events are kept");
+        assert_eq!(all[4], finished);
+        let summary = log.summary();
+        assert!(summary.truncated);
+        assert_eq!(summary.output_bytes, 16);
+        assert_eq!(summary.events, 6, "the next seq counts dropped events");
+        assert_eq!(summary.stored_events, 5);
+        // A later append continues after the gap.
+        log.append(&mut [chunk(6, b"late")]).await.unwrap();
+        assert_eq!(log.next_seq(), 7);
+        assert_eq!(read_all(&log, 0).len(), 5);
+        assert!(read_all(&log, 5).iter().all(|e| e.seq == 5));
+    }
+
+    #[tokio::test]
+    async fn tiny_chunks_are_charged_their_fixed_cost() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = EventLog::create(dir.path().join("j.log.jsonl"), bounds(1024)).unwrap();
+        let mut seq = 0;
+        while seq < 51_200 {
+            let mut batch: Vec<_> = (seq..seq + 256).map(|s| chunk(s, b"x")).collect();
+            log.append(&mut batch).await.unwrap();
+            seq += 256;
+        }
+        let summary = log.summary();
+        let kept = 1024 / (1 + EVENT_COST_BYTES as u64);
+        assert_eq!(summary.output_bytes, kept);
+        assert_eq!(
+            summary.stored_events,
+            kept + 1,
+            "the kept chunks and the notice"
+        );
+        assert!(summary.file_bytes < 4096, "{} bytes", summary.file_bytes);
+        assert_eq!(log.next_seq(), 51_200);
+    }
+
+    #[tokio::test]
+    async fn the_events_cap_drops_later_chunks_with_one_notice() {
+        let dir = tempfile::tempdir().unwrap();
+        let bounds = LogBounds {
+            max_bytes: u64::MAX,
+            max_events: 10,
+        };
+        let mut log = EventLog::create(dir.path().join("j.log.jsonl"), bounds).unwrap();
+        let mut batch: Vec<_> = (0..100).map(|s| chunk(s, b"line\n")).collect();
+        batch.push(JobEvent {
+            seq: 100,
+            event: JobEventKind::JobFinished(JobFinished {
+                result: JobResult::Succeeded,
+            }),
+        });
+        log.append(&mut batch).await.unwrap();
+        let all = read_all(&log, 0);
+        assert_eq!(all.len(), 12, "10 chunks, the notice, the end");
+        assert!(String::from_utf8_lossy(data_of(&all[10])).contains("log limit of 10 events"));
+        assert_eq!(all[11].seq, 100);
+        assert!(matches!(all[11].event, JobEventKind::JobFinished(_)));
     }
 
     #[tokio::test]
     async fn index_stays_small_and_seeks_correctly() {
         let dir = tempfile::tempdir().unwrap();
-        let mut log = EventLog::create(dir.path().join("j.log.jsonl"), u64::MAX).unwrap();
+        let mut log = EventLog::create(dir.path().join("j.log.jsonl"), bounds(u64::MAX)).unwrap();
         let total = 100_000u64;
         let mut seq = 0;
         while seq < total {

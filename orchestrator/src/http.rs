@@ -13,6 +13,24 @@
 //! | `/v1/jobs/{job_id}/cancel` | POST | client credential | 200 [`JobReport`] |
 //! | `/metrics` | GET | none | Prometheus text |
 //!
+//! Before any body is read, two layers run (outermost first):
+//!
+//! 1. **Authentication** ([`route_access`]): the bearer is checked against
+//!    what the matched route needs, so a wrong credential is answered 401
+//!    at once, without reading (or waiting for) a byte of a body of up to
+//!    24 MiB. Every route has an entry in the table; one without would
+//!    need at least some valid credential or VM token. The operations
+//!    check again, exactly.
+//! 2. **Concurrency**: at most `max_concurrent_requests` requests run at
+//!    once; a request beyond that waits up to `request_queue_wait` (at most
+//!    as many wait), then gets 503 with `Retry-After`. Long polls (acquire,
+//!    log follows) hold their connection for up to a minute while doing
+//!    nothing, so they do not count there: they have their own bound,
+//!    `max_long_polls`, answered 503 at once beyond it (an acquire is also
+//!    bounded by `max_waiting_vms`). Idle VMs and followers therefore can
+//!    never starve event posts, and a flood of posts cannot stop VMs from
+//!    polling.
+//!
 //! Errors carry an `ApiError` body (`{"error": "..."}`): 400 invalid body
 //! or spec (the message names the field), 401 missing or wrong credential,
 //! 404 unknown job or VM, 409 event gap (the body also has `next_seq`), a
@@ -24,12 +42,16 @@
 //! [`JobReport`]: crate::report::JobReport
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, Request, State};
+use axum::extract::rejection::{BytesRejection, QueryRejection, RawPathParamsRejection};
+use axum::extract::{
+    DefaultBodyLimit, FromRequestParts, MatchedPath, Path, Query, RawPathParams, Request, State,
+};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -44,8 +66,9 @@ use protocol::limits;
 use protocol::message::{JobId, Secrets};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
 
-use crate::auth::parse_bearer;
+use crate::auth::{Access, parse_bearer};
 use crate::config::{EVENTS_BODY_LIMIT, SMALL_BODY_LIMIT, SUBMIT_BODY_LIMIT};
 use crate::registry::RegistryError;
 use crate::service::{Orchestrator, ServiceError};
@@ -54,6 +77,7 @@ type Service = Arc<Orchestrator>;
 
 /// The API router over `service`.
 pub fn router(service: Service) -> Router {
+    let gate = Arc::new(Gate::new(service.limits()));
     Router::new()
         .route(routes::VMS, post(register_vm))
         .route(routes::VM, delete(deregister_vm))
@@ -75,6 +99,14 @@ pub fn router(service: Service) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(SMALL_BODY_LIMIT))
+        // Layers run from the last added to the first: errors are counted,
+        // then the credential is checked, then a concurrency slot taken,
+        // and only then does the handler read the body.
+        .layer(middleware::from_fn_with_state(gate, limit_concurrency))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&service),
+            authenticate,
+        ))
         .layer(middleware::from_fn_with_state(
             Arc::clone(&service),
             count_errors,
@@ -400,6 +432,139 @@ async fn method_not_allowed() -> HttpError {
         StatusCode::METHOD_NOT_ALLOWED,
         "method not allowed on this route",
     )
+}
+
+/// What the route `path` (as registered, e.g. `/v1/vms/{vm_id}`) needs
+/// for `method`, given the request's path parameters. Routes not listed
+/// need any valid credential or VM token.
+pub fn route_access(method: &Method, path: &str, param: impl Fn(&str) -> Option<String>) -> Access {
+    let vm = || param("vm_id").map(VmId);
+    let job = || param("job_id").map(JobId);
+    let access = match (method.as_str(), path) {
+        ("GET", "/metrics") => Some(Access::Public),
+        ("POST", routes::VMS) | ("DELETE", routes::VM) => Some(Access::Host),
+        ("POST", routes::VM_ACQUIRE) | ("POST", routes::VM_RELEASE) => vm().map(Access::Vm),
+        ("POST", routes::JOBS) | ("GET", routes::JOB_EVENTS) | ("POST", routes::JOB_CANCEL) => {
+            Some(Access::Client)
+        }
+        ("GET", routes::JOB) => job().map(Access::ClientOrJobVm),
+        ("POST", routes::JOB_EVENTS) => job().map(Access::JobVm),
+        _ => None,
+    };
+    access.unwrap_or(Access::Any)
+}
+
+/// Whether a request to `path` with `method` is a long poll.
+fn is_long_poll(method: &Method, path: &str) -> bool {
+    matches!(
+        (method.as_str(), path),
+        ("POST", routes::VM_ACQUIRE) | ("GET", routes::JOB_EVENTS)
+    )
+}
+
+/// Refuses a request whose bearer is not what its route needs, before
+/// anything reads its body. Requests that matched no route pass (they
+/// are answered 404 without reading a body).
+async fn authenticate(
+    State(service): State<Service>,
+    params: Result<RawPathParams, RawPathParamsRejection>,
+    bearer: Bearer,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(matched) = request.extensions().get::<MatchedPath>().cloned() else {
+        return next.run(request).await;
+    };
+    let param = |name: &str| {
+        params.as_ref().ok().and_then(|params| {
+            params
+                .iter()
+                .find(|(key, _)| *key == name)
+                .map(|(_, value)| value.to_owned())
+        })
+    };
+    let access = route_access(request.method(), matched.as_str(), param);
+    match service.authorize(&access, bearer.get()) {
+        Ok(()) => next.run(request).await,
+        Err(err) => HttpError::from(err).into_response(),
+    }
+}
+
+/// The concurrency bounds of the API (see the module docs).
+#[derive(Debug)]
+struct Gate {
+    requests: Arc<Semaphore>,
+    max_requests: usize,
+    waiting: AtomicUsize,
+    queue_wait: Duration,
+    long_polls: Arc<Semaphore>,
+    max_long_polls: usize,
+}
+
+impl Gate {
+    fn new(limits: &crate::config::Limits) -> Self {
+        Self {
+            requests: Arc::new(Semaphore::new(limits.max_concurrent_requests)),
+            max_requests: limits.max_concurrent_requests,
+            waiting: AtomicUsize::new(0),
+            queue_wait: limits.request_queue_wait,
+            long_polls: Arc::new(Semaphore::new(limits.max_long_polls)),
+            max_long_polls: limits.max_long_polls,
+        }
+    }
+
+    fn busy(what: &str, max: usize) -> Response {
+        let mut response = HttpError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the orchestrator is serving its maximum of {max} {what}; retry later"),
+        )
+        .into_response();
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        response
+    }
+}
+
+/// Runs the request within the concurrency bounds, or answers 503.
+async fn limit_concurrency(
+    State(gate): State<Arc<Gate>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let long_poll = request
+        .extensions()
+        .get::<MatchedPath>()
+        .is_some_and(|m| is_long_poll(request.method(), m.as_str()));
+    if long_poll {
+        let Ok(_permit) = Arc::clone(&gate.long_polls).try_acquire_owned() else {
+            return Gate::busy("long polls", gate.max_long_polls);
+        };
+        return next.run(request).await;
+    }
+    let permit = match Arc::clone(&gate.requests).try_acquire_owned() {
+        Ok(permit) => permit,
+        Err(_) => {
+            // Wait a little, but only as many as run: the queue is bounded.
+            let queued = gate.waiting.fetch_add(1, Ordering::SeqCst);
+            let waited = if queued < gate.max_requests {
+                tokio::time::timeout(gate.queue_wait, Arc::clone(&gate.requests).acquire_owned())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+            } else {
+                None
+            };
+            gate.waiting.fetch_sub(1, Ordering::SeqCst);
+            match waited {
+                Some(permit) => permit,
+                None => return Gate::busy("concurrent requests", gate.max_requests),
+            }
+        }
+    };
+    let response = next.run(request).await;
+    drop(permit);
+    response
 }
 
 async fn count_errors(State(service): State<Service>, request: Request, next: Next) -> Response {

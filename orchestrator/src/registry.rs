@@ -606,6 +606,24 @@ impl<H: Clone> Registry<H> {
             .is_some_and(|vm| vm.token.matches(token))
     }
 
+    /// Whether `token` is the token of VM `vm_id` (reads only: for checking
+    /// a request's credential before its body is read).
+    pub fn is_vm_token(&self, vm_id: &VmId, token: Option<&str>) -> bool {
+        let Some(token) = token else { return false };
+        self.vms
+            .get(vm_id)
+            .is_some_and(|vm| vm.token.matches(token))
+    }
+
+    /// Whether `token` is the token of some registered VM (each compared in
+    /// constant time).
+    pub fn is_any_vm_token(&self, token: Option<&str>) -> bool {
+        let Some(token) = token else { return false };
+        self.vms
+            .values()
+            .fold(false, |found, vm| vm.token.matches(token) | found)
+    }
+
     /// Decides which posted events are new, after checking the token and
     /// that the events fit the job. Nothing changes.
     pub fn plan_events(

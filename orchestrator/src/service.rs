@@ -36,7 +36,7 @@ use protocol::validation::Violations;
 use tokio::sync::{Mutex as AsyncMutex, watch};
 
 use crate::archive::{Archive, ArchiveError, ArchiveRecord};
-use crate::auth::{self, AuthError, Credentials};
+use crate::auth::{self, Access, AuthError, Credentials};
 use crate::config::Limits;
 use crate::event_log::{EventLog, EventLogError, ReadCursor, read_page};
 use crate::metrics::Metrics;
@@ -110,6 +110,7 @@ pub struct Orchestrator {
 const HOST_ONLY: &str = "this route needs the host credential";
 const CLIENT_ONLY: &str = "this route needs the client credential";
 const CLIENT_OR_VM: &str = "this route needs the client credential or the job's VM token";
+const ANY_CREDENTIAL: &str = "this route needs a credential";
 
 impl Orchestrator {
     /// An orchestrator with no VMs and no jobs.
@@ -128,6 +129,40 @@ impl Orchestrator {
         // The registry's methods keep it consistent at every return, so a
         // panic elsewhere while holding the lock leaves nothing half-done.
         self.registry.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The bounds this orchestrator enforces.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Checks `bearer` against what a route needs, changing nothing. The
+    /// HTTP layer calls it before reading a request's body; each operation
+    /// still checks its own credential.
+    pub fn authorize(&self, access: &Access, bearer: Option<&str>) -> Result<(), ServiceError> {
+        let creds = &self.credentials;
+        let (allowed, refusal) = match access {
+            Access::Public => (true, None),
+            Access::Host => (creds.is_host(bearer), Some(HOST_ONLY)),
+            Access::Client => (creds.is_client(bearer), Some(CLIENT_ONLY)),
+            Access::Vm(vm_id) => (self.registry().is_vm_token(vm_id, bearer), None),
+            Access::JobVm(job_id) => (self.registry().is_job_vm(job_id, bearer), None),
+            Access::ClientOrJobVm(job_id) => (
+                creds.is_client(bearer) || self.registry().is_job_vm(job_id, bearer),
+                Some(CLIENT_OR_VM),
+            ),
+            Access::Any => (
+                creds.is_host(bearer)
+                    || creds.is_client(bearer)
+                    || self.registry().is_any_vm_token(bearer),
+                Some(ANY_CREDENTIAL),
+            ),
+        };
+        match (allowed, refusal) {
+            (true, _) => Ok(()),
+            (false, Some(message)) => Err(ServiceError::Unauthorized(message)),
+            (false, None) => Err(RegistryError::BadVmToken.into()),
+        }
     }
 
     /// The metrics, rendered with current counts.
@@ -346,9 +381,9 @@ impl Orchestrator {
             .archive
             .log_path(&id)
             .ok_or_else(|| ServiceError::Spec(format!("job id {id} is not an identifier")))?;
-        let max_log_bytes = self.limits.max_log_bytes;
+        let bounds = self.limits.log_bounds();
         let create_path = path.clone();
-        let log = tokio::task::spawn_blocking(move || EventLog::create(create_path, max_log_bytes))
+        let log = tokio::task::spawn_blocking(move || EventLog::create(create_path, bounds))
             .await
             .map_err(|err| ServiceError::Task(err.to_string()))??;
         let handle = Arc::new(JobHandle {
@@ -607,8 +642,12 @@ impl Orchestrator {
     }
 }
 
+/// A page of `events` read from `after` on, of a log whose next seq is
+/// `total`. A log may skip seqs (dropped output): a read that found nothing
+/// although `after < total` skipped them all, so the next page starts at
+/// `total`.
 fn page(events: Vec<JobEvent>, after: u64, job_over: bool, total: u64) -> JobEventsPage {
-    let next_seq = events.last().map_or(after, |e| e.seq + 1);
+    let next_seq = events.last().map_or(after.max(total), |e| e.seq + 1);
     JobEventsPage {
         finished: job_over && next_seq >= total,
         next_seq,

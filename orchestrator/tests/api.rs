@@ -727,3 +727,247 @@ async fn a_job_given_back_too_often_fails_with_a_reason() {
     };
     assert!(reason.contains("handed back by 3 VMs"), "{reason}");
 }
+
+/// A job whose VM streams tens of thousands of tiny chunks: empty ones are
+/// refused, and one-byte ones are charged their fixed per-event cost, so
+/// the job's log file stays small (before the fix, 51 200 empty chunks
+/// gave a 4.7 MB file with `max_log_bytes = 1024`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_tiny_chunks_cannot_grow_the_log_beyond_its_bound() {
+    let server = TestServer::start_with(Limits {
+        max_log_bytes: 1024,
+        ..Limits::default()
+    })
+    .await;
+    let mut vm = FakeVm::register(&server, &["linux"]).await;
+    let id = server.submit("j", &["linux"], 1).await;
+    let job = vm.acquire(1).await.unwrap().unwrap();
+    vm.send(&id, vec![started(0, &job.steps[0].name)])
+        .await
+        .unwrap();
+    let empty = vm.chunk(0, OutputStream::Stdout, "");
+    let err = vm.send(&id, vec![empty]).await.unwrap_err();
+    assert_eq!(status_of(&err), StatusCode::BAD_REQUEST);
+    assert!(
+        err.to_string()
+            .contains("events[0].data: must not be empty"),
+        "{err}"
+    );
+    vm.chunk_seq -= 1;
+    let total = 51_200;
+    let mut sent = 0;
+    while sent < total {
+        let batch = (0..256)
+            .map(|_| vm.chunk(0, OutputStream::Stdout, "x"))
+            .collect();
+        vm.send(&id, batch).await.unwrap();
+        sent += 256;
+    }
+    vm.send(
+        &id,
+        vec![common::step_finished(0, 0), finished(JobResult::Succeeded)],
+    )
+    .await
+    .unwrap();
+    let report = server.client.job(CLIENT, &id).await.unwrap();
+    assert_eq!(report.status.state, JobState::Succeeded);
+    let log = server.archive.join(format!("{id}.log.jsonl"));
+    let size = std::fs::metadata(&log).unwrap().len();
+    assert!(size < 8 * 1024, "the log file grew to {size} bytes");
+    // Followers see the kept output, the notice, the step's end and the
+    // job's end, and get past the dropped seqs.
+    let events = tokio::time::timeout(Duration::from_secs(10), server.all_events(&id))
+        .await
+        .expect("following ends");
+    assert!(events.len() < 20, "{} events", events.len());
+    assert!(stdout_of(&events).contains("output limit of 1024 bytes"));
+    assert!(matches!(
+        events.last().unwrap().event,
+        JobEventKind::JobFinished(_)
+    ));
+    assert_eq!(events.last().unwrap().seq, total + 2);
+    assert!(events.windows(2).all(|w| w[0].seq < w[1].seq));
+}
+
+/// Once a job has stored `max_log_events` events, its later log chunks are
+/// dropped with one notice; step results and the end still arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_events_cap_keeps_step_results_and_the_end() {
+    let server = TestServer::start_with(Limits {
+        max_log_events: 50,
+        ..Limits::default()
+    })
+    .await;
+    let mut vm = FakeVm::register(&server, &["linux"]).await;
+    let id = server.submit("j", &["linux"], 2).await;
+    let job = vm.acquire(1).await.unwrap().unwrap();
+    vm.run(&job, 200, JobResult::Failed { step: 1 }).await;
+    let report = server.client.job(CLIENT, &id).await.unwrap();
+    assert_eq!(report.status.state, JobState::Failed { step: 1 });
+    let events = server.all_events(&id).await;
+    let chunks = events
+        .iter()
+        .filter(|e| matches!(e.event, JobEventKind::LogChunk(_)))
+        .count();
+    // The step start and 49 chunks fill the 50 events; the 50th chunk
+    // becomes the notice.
+    assert_eq!(chunks, 50);
+    assert!(stdout_of(&events).contains("log limit of 50 events reached"));
+    let steps = events
+        .iter()
+        .filter(|e| matches!(e.event, JobEventKind::StepFinished(_)))
+        .count();
+    assert_eq!(steps, 2, "both step results are stored");
+    assert!(matches!(
+        events.last().unwrap().event,
+        JobEventKind::JobFinished(_)
+    ));
+}
+
+/// Sends `head` on a fresh connection and returns what the server answers
+/// within `wait` (empty if nothing). Blocking: run it off the runtime.
+async fn raw_exchange(addr: std::net::SocketAddr, head: &str, wait: Duration) -> String {
+    let head = head.to_owned();
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream.write_all(head.as_bytes()).unwrap();
+        let deadline = Instant::now() + wait;
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            stream.set_read_timeout(Some(left)).unwrap();
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+            if answer.windows(4).any(|w| w == b"\r\n\r\n") {
+                break;
+            }
+        }
+        String::from_utf8_lossy(&answer).into_owned()
+    })
+    .await
+    .unwrap()
+}
+
+/// A head announcing a `length`-byte body of which only a few bytes follow.
+fn partial_request(method: &str, path: &str, bearer: &str, length: usize) -> String {
+    format!(
+        "{method} {path} HTTP/1.1\r\nhost: test\r\nauthorization: Bearer {bearer}\r\n\
+         content-type: application/json\r\ncontent-length: {length}\r\n\r\n{{\"events\": ["
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_bearer_is_refused_before_the_body_is_read() {
+    let server = TestServer::start().await;
+    let vm = FakeVm::register(&server, &["linux"]).await;
+    let id = server.submit("j", &["linux"], 1).await;
+    let other = FakeVm::register(&server, &["linux"]).await;
+    assert_eq!(vm.acquire(0).await.unwrap().unwrap().id, id);
+    let big = 24 * 1024 * 1024;
+    let routes = [
+        ("POST", "/v1/vms".to_owned(), CLIENT.to_owned()),
+        ("DELETE", format!("/v1/vms/{}", vm.id), vm.token.0.clone()),
+        (
+            "POST",
+            format!("/v1/vms/{}/acquire", vm.id),
+            other.token.0.clone(),
+        ),
+        ("POST", "/v1/jobs".to_owned(), HOST.to_owned()),
+        (
+            "POST",
+            format!("/v1/jobs/{id}/events"),
+            other.token.0.clone(),
+        ),
+        ("POST", format!("/v1/jobs/{id}/events"), CLIENT.to_owned()),
+        ("POST", format!("/v1/jobs/{id}/cancel"), vm.token.0.clone()),
+        ("GET", format!("/v1/jobs/{id}"), other.token.0.clone()),
+        // A route without a rule of its own needs some credential.
+        ("PUT", "/v1/jobs".to_owned(), "nope".to_owned()),
+    ];
+    for (method, path, bearer) in routes {
+        let started_at = Instant::now();
+        let head = partial_request(method, &path, &bearer, big);
+        let answer = raw_exchange(server.addr, &head, Duration::from_secs(5)).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 401"),
+            "{method} {path}: {answer:?}"
+        );
+        assert!(
+            started_at.elapsed() < Duration::from_secs(2),
+            "{method} {path} answered after {:?}",
+            started_at.elapsed()
+        );
+    }
+    // With the right token the server does wait for the body (so the
+    // answers above did not come from reading it).
+    let head = partial_request(
+        "POST",
+        &format!("/v1/jobs/{id}/events"),
+        &vm.token.0,
+        1 << 20,
+    );
+    let answer = raw_exchange(server.addr, &head, Duration::from_millis(500)).await;
+    assert_eq!(answer, "", "answered before the body arrived");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_beyond_the_limit_get_503_but_long_polls_do_not_count() {
+    use std::io::Write;
+    let server = TestServer::start_with(Limits {
+        max_concurrent_requests: 2,
+        request_queue_wait: Duration::from_millis(200),
+        max_long_polls: 1,
+        ..Limits::default()
+    })
+    .await;
+    let id = server.submit("j", &["gpu"], 1).await;
+    let vm = FakeVm::register(&server, &["linux"]).await;
+    let other = FakeVm::register(&server, &["linux"]).await;
+    // Two submissions whose bodies never finish hold both slots.
+    let mut slow = Vec::new();
+    for _ in 0..2 {
+        let mut stream = std::net::TcpStream::connect(server.addr).unwrap();
+        let head = partial_request("POST", "/v1/jobs", CLIENT, 1000);
+        stream.write_all(head.as_bytes()).unwrap();
+        slow.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started_at = Instant::now();
+    let err = server.client.job(CLIENT, &id).await.unwrap_err();
+    let waited = started_at.elapsed();
+    assert_eq!(status_of(&err), StatusCode::SERVICE_UNAVAILABLE, "{err}");
+    assert!(
+        err.to_string().contains("maximum of 2 concurrent requests"),
+        "{err}"
+    );
+    assert!(
+        waited >= Duration::from_millis(150) && waited < Duration::from_secs(2),
+        "queued for {waited:?}"
+    );
+    // Long polls do not take those slots: a VM still polls...
+    let poll = tokio::spawn(async move { vm.acquire(1).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // ...within their own bound (one here): a second one is refused at once.
+    let started_at = Instant::now();
+    let err = other.acquire(0).await.unwrap_err();
+    assert_eq!(status_of(&err), StatusCode::SERVICE_UNAVAILABLE, "{err}");
+    assert!(err.to_string().contains("maximum of 1 long polls"), "{err}");
+    assert!(started_at.elapsed() < Duration::from_millis(150));
+    assert_eq!(
+        poll.await.unwrap().unwrap(),
+        None,
+        "the poll ran its course"
+    );
+    // Slots free again once the slow requests end.
+    drop(slow);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    server.client.job(CLIENT, &id).await.unwrap();
+    assert_eq!(other.acquire(0).await.unwrap(), None);
+}

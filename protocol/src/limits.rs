@@ -10,6 +10,13 @@ pub const MAX_FRAME_LEN: usize = 1024 * 1024;
 /// Largest number of output bytes carried by one `LogChunk` (64 KiB).
 pub const MAX_LOG_CHUNK_BYTES: usize = 64 * 1024;
 
+/// Fixed cost, in bytes, charged for every job event on top of the output
+/// it carries: against the host agent's per-VM log rate and the
+/// orchestrator's per-job log size. One event costs a frame, a relay batch
+/// slot and a JSON line of about 90 bytes (an empty chunk's line), so a
+/// flood of tiny events is paid for as if each were this big.
+pub const EVENT_COST_BYTES: usize = 128;
+
 /// Largest job spec document accepted by the parsers, in bytes (1 MiB).
 pub const MAX_SPEC_BYTES: usize = 1024 * 1024;
 

@@ -146,8 +146,8 @@ pub struct LogChunk {
     pub stream: OutputStream,
     /// Per-job sequence number: 0 for the first chunk, then +1 per chunk.
     pub seq: u64,
-    /// Output bytes (secrets already masked), at most [`limits::MAX_LOG_CHUNK_BYTES`].
-    /// Base64 in JSON.
+    /// Output bytes (secrets already masked): at least one, at most
+    /// [`limits::MAX_LOG_CHUNK_BYTES`]. Base64 in JSON.
     #[serde(with = "crate::bytes_serde")]
     pub data: Vec<u8>,
 }
@@ -401,8 +401,13 @@ impl WireMessage for GuestMessage {
 }
 
 impl LogChunk {
+    /// An empty chunk carries no output but still costs a frame, a relay
+    /// batch slot and a line of the job's log: refused, so a hostile guest
+    /// cannot stream nothing for free (the runner agent never sends one).
     pub(crate) fn check(&self, checker: &mut Checker, path: &str) {
-        if self.data.len() > limits::MAX_LOG_CHUNK_BYTES {
+        if self.data.is_empty() {
+            checker.report(format!("{path}.data"), Problem::Empty);
+        } else if self.data.len() > limits::MAX_LOG_CHUNK_BYTES {
             checker.report(
                 format!("{path}.data"),
                 Problem::TooLong {
@@ -585,6 +590,26 @@ pub(crate) mod tests {
             assert_eq!(serde_json::from_str::<HostMessage>(&json).unwrap(), msg);
             msg.validate().unwrap();
         }
+    }
+
+    #[test]
+    fn an_empty_log_chunk_is_refused() {
+        let empty = GuestMessage::LogChunk(LogChunk {
+            step: 0,
+            stream: OutputStream::Stdout,
+            seq: 0,
+            data: Vec::new(),
+        });
+        let err = empty.validate().unwrap_err();
+        assert!(err.contains("log_chunk.data", &Problem::Empty), "{err}");
+        assert_eq!(err.to_string(), "log_chunk.data: must not be empty");
+        let one = GuestMessage::LogChunk(LogChunk {
+            step: 0,
+            stream: OutputStream::Stdout,
+            seq: 0,
+            data: vec![b'x'],
+        });
+        one.validate().unwrap();
     }
 
     #[test]

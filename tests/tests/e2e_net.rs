@@ -17,7 +17,8 @@ use std::time::Duration;
 use harness::e2e::{self, FLEET_HELPERS, Facts, SHELL_HELPERS, field};
 use harness::{Scenario, Status};
 
-/// L1 modules for taps, veths, nftables, conntrack and NAT.
+/// L1 modules for taps, veths, nftables, conntrack (and its per-VM
+/// connection count) and NAT.
 const MODULES: &[&str] = &[
     "tun",
     "veth",
@@ -25,6 +26,8 @@ const MODULES: &[&str] = &[
     "nf_conntrack",
     "nf_nat",
     "nft_ct",
+    "nf_conncount",
+    "nft_connlimit",
     "nft_nat",
     "nft_masq",
     "nft_chain_nat",
@@ -40,7 +43,8 @@ net_state() {
     echo taps=$(ip -o link | grep -c ' kdl') \
         addrs=$(ip -o addr | grep -c '198\.18\.') routes=$(ip route | grep -c '198\.18\.') \
         table=$(nft list tables | grep -c kindling) \
-        elements=$( (nft list table inet kindling 2>/dev/null || true) | grep -o '"kdl[0-9]*"' | wc -l)
+        elements=$(for m in "set inet kindling vm_sources" "map inet kindling vm_policy" \
+            "map inet kindling vm_ct_limit"; do nft list $m 2>/dev/null; done | grep -o '"kdl[0-9]*"' | wc -l)
 }
 "#;
 
@@ -174,6 +178,53 @@ wait_for 180 "the pool after the restart" warm || die "no pool after the restart
 state restarted
 kill -TERM $AGENT; wait $AGENT
 state stopped
+"#;
+
+/// A NAT pool whose VMs may have 16 connections open: a job opens 30 to a
+/// server on the "internet", which sees 16 of them established.
+const CONNTRACK: &str = r#"
+W=/tmp/net3; mkdir -p $W/jobs $W/www && cd $W || exit 1
+ip netns add inet || die "ip netns add"
+ip link add up0 type veth peer name ieth netns inet || die "veth"
+ip addr add 203.0.113.1/24 dev up0 && ip link set up0 up
+ip -n inet addr add 203.0.113.10/24 dev ieth
+ip -n inet link set lo up && ip -n inet link set ieth up
+ip -n inet route add default via 203.0.113.1
+echo hi > $W/www/index.html
+ip netns exec inet busybox httpd -p 203.0.113.10:80 -h $W/www || die httpd
+# Connections to the server in state ESTABLISHED, as the server sees them.
+established() { ip netns exec inet cat /proc/net/tcp | awk '$2 ~ /:0050$/ && $4 == "01"' | wc -l; }
+warm() { idle n 1; }
+start_fleet 180 warm <<EOF
+[network]
+dns = "203.0.113.10"
+[[pool]]
+name = "n"
+labels = ["linux"]
+size = 1
+vcpus = 1
+memory_mib = 160
+kernel = "$ASSETS/vmlinux"
+image = "$ASSETS/minimal.erofs"
+network = "nat"
+conntrack_limit = 16
+EOF
+cat > $W/jobs/c.yaml <<'EOF'
+name: conns
+runs-on: [linux]
+steps:
+  - run: |
+      for i in $(seq 1 30); do ( sleep 25 | nc 203.0.113.10 80 ) > /dev/null 2>&1 & done
+      echo "opened 30"
+      sleep 15
+EOF
+submit c
+wait_for 90 "job c opened its connections" grep -q "opened 30" $W/jobs/c.out || die "job c never opened"
+sleep 8
+fact conns established=$(established)
+wait_for 120 "job c ended" ended c || die "job c never ended"
+cat $W/jobs/c.out $W/jobs/c.err
+fact c rc=$(cat $W/jobs/c.rc)
 "#;
 
 fn scenario(name: &str, script: &str, jobs: &[(&str, &str)]) -> Scenario {
@@ -325,7 +376,7 @@ fn two_vms_cannot_reach_each_other_and_a_crashed_agent_leaves_nothing_after_clea
         f.after("state", "when", when)
             .unwrap_or_else(|| panic!("no state {when}:\n{o}"))
     };
-    let running = "taps=2 addrs=2 routes=2 table=1 elements=4 vmms=2 dirs=2";
+    let running = "taps=2 addrs=2 routes=2 table=1 elements=6 vmms=2 dirs=2";
     assert_eq!(state("warm"), running, "{o}");
     // Two VMs at once: a listens, b probes it and fails, a saw nothing.
     let a = f.value("a", "addr");
@@ -352,4 +403,15 @@ fn two_vms_cannot_reach_each_other_and_a_crashed_agent_leaves_nothing_after_clea
     assert_eq!(state("after-cleanup"), nothing, "{o}");
     assert_eq!(state("restarted"), running, "{o}");
     assert_eq!(state("stopped"), nothing, "{o}");
+}
+
+#[test]
+fn a_vm_cannot_keep_more_connections_than_its_pools_conntrack_limit() {
+    let script = format!("{SHELL_HELPERS}{FLEET_HELPERS}{NET_HELPERS}{CONNTRACK}");
+    let out = harness::run(&scenario("net-conntrack", &script, &[])).unwrap();
+    let o = &out.output;
+    assert_eq!(out.status, Status::Exited(0), "{}\n{o}", out.report());
+    let f = Facts::parse(o);
+    assert_eq!(f.lines("conns"), ["established=16"], "{o}");
+    assert_eq!(f.lines("c"), ["rc=0"], "{o}");
 }

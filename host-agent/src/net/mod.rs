@@ -119,6 +119,7 @@ impl Network {
                 name: pool.name.clone(),
                 egress,
                 allow: pool.allow.clone(),
+                conntrack_limit: pool.conntrack_limit,
             });
         }
         let policy = Policy {

@@ -8,9 +8,17 @@
 //! - `vm_sources` (tap . guest address): anti-spoofing; a packet from a tap
 //!   whose source is not that VM's address is dropped (so masquerade can
 //!   never forward a forged source to the uplink);
-//! - `vm_policy` (tap : jump pool_N): the VM's pool chain.
+//! - `vm_policy` (tap : jump pool_N): the VM's pool chain;
+//! - `vm_ct_limit` (tap : jump ct_limit_N): its pool's connection limit.
 //!
 //! Packets from a VM (`iifname "kdl*"`):
+//! - a new connection (conntrack state `new`, whatever its destination,
+//!   the host included) is counted per tap in the dynamic set `vm_conns`
+//!   (`ct count`), in a prerouting filter chain before any accept; one
+//!   over the pool's `conntrack_limit` is dropped, so a VM cannot fill the
+//!   host's conntrack table. The set's element of a tap outlives its VM
+//!   (the count drops as the connections it tracks end), so the table holds
+//!   at most `conntrack_limit` entries per tap, whichever VM made them.
 //! - IPv6: dropped (the guest has no IPv6 configuration).
 //! - to the host itself (input hook): dropped, whatever the port (agent,
 //!   orchestrator, SSH, ...), except DNS that the prerouting DNAT turned
@@ -106,7 +114,11 @@ pub struct PoolPolicy {
     /// Default egress.
     pub egress: Egress,
     /// Extra allowed destinations, checked before the forbidden ranges.
+    /// None may overlap the VM subnet (the config refuses it): an accept
+    /// there would end the hook before the VM-to-VM drop.
     pub allow: Vec<AllowRule>,
+    /// Most connections one VM may have tracked at once.
+    pub conntrack_limit: u32,
 }
 
 /// The host-wide policy.
@@ -123,6 +135,15 @@ pub struct Policy {
 fn pool_chain(index: usize) -> String {
     format!("pool_{index}")
 }
+
+fn ct_limit_chain(index: usize) -> String {
+    format!("ct_limit_{index}")
+}
+
+/// Most elements of the `vm_conns` set (one per tap): above every possible
+/// number of VM links (a /16 holds 16384), since a full set would let new
+/// connections pass uncounted.
+const VM_CONNS_SIZE: u32 = 65_535;
 
 impl Policy {
     /// The whole table: replaces any previous version atomically (the
@@ -148,6 +169,19 @@ impl Policy {
         );
         let _ = writeln!(s, "  set vm_sources {{ type ifname . ipv4_addr; }}");
         let _ = writeln!(s, "  map vm_policy {{ type ifname : verdict; }}");
+        let _ = writeln!(s, "  map vm_ct_limit {{ type ifname : verdict; }}");
+        let _ = writeln!(
+            s,
+            "  set vm_conns {{ type ifname; size {VM_CONNS_SIZE}; flags dynamic; }}"
+        );
+        for (i, pool) in self.pools.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "  chain {} {{\n    add @vm_conns {{ iifname ct count over {} }} drop\n  }}",
+                ct_limit_chain(i),
+                pool.conntrack_limit
+            );
+        }
         for (i, pool) in self.pools.iter().enumerate() {
             let _ = writeln!(s, "  chain {} {{", pool_chain(i));
             let _ = writeln!(s, "    comment \"pool {}\"", pool.name.replace('"', ""));
@@ -180,6 +214,10 @@ impl Policy {
     iifname vmap @vm_policy
     drop
   }}
+  chain new_from_vm {{
+    type filter hook prerouting priority mangle; policy accept;
+    iifname {tap} ct state new iifname vmap @vm_ct_limit
+  }}
   chain forward {{
     type filter hook forward priority filter; policy accept;
     iifname {tap} jump from_vm
@@ -208,8 +246,10 @@ impl Policy {
     pub fn render_add_vm(&self, tap: &str, guest: Ipv4Addr, pool_index: usize) -> String {
         format!(
             "add element inet {TABLE} vm_sources {{ \"{tap}\" . {guest} }}\n\
-             add element inet {TABLE} vm_policy {{ \"{tap}\" : jump {} }}\n",
-            pool_chain(pool_index)
+             add element inet {TABLE} vm_policy {{ \"{tap}\" : jump {} }}\n\
+             add element inet {TABLE} vm_ct_limit {{ \"{tap}\" : jump {} }}\n",
+            pool_chain(pool_index),
+            ct_limit_chain(pool_index)
         )
     }
 
@@ -217,8 +257,10 @@ impl Policy {
     pub fn render_remove_vm(&self, tap: &str, guest: Ipv4Addr, pool_index: usize) -> String {
         format!(
             "delete element inet {TABLE} vm_sources {{ \"{tap}\" . {guest} }}\n\
-             delete element inet {TABLE} vm_policy {{ \"{tap}\" : jump {} }}\n",
-            pool_chain(pool_index)
+             delete element inet {TABLE} vm_policy {{ \"{tap}\" : jump {} }}\n\
+             delete element inet {TABLE} vm_ct_limit {{ \"{tap}\" : jump {} }}\n",
+            pool_chain(pool_index),
+            ct_limit_chain(pool_index)
         )
     }
 }
@@ -280,6 +322,7 @@ mod tests {
                         cidr: "10.1.2.0/24".parse().unwrap(),
                         ports: vec![443, 8443],
                     }],
+                    conntrack_limit: 4096,
                 },
                 PoolPolicy {
                     name: "closed".into(),
@@ -288,6 +331,7 @@ mod tests {
                         cidr: "192.0.2.7/32".parse().unwrap(),
                         ports: vec![],
                     }],
+                    conntrack_limit: 100,
                 },
             ],
         }
@@ -350,12 +394,34 @@ mod tests {
         assert!(text.contains("oifname \"kdl*\" ct state established,related accept"));
         let guest: Ipv4Addr = "198.18.0.6".parse().unwrap();
         let add = p.render_add_vm("kdl1", guest, 1);
-        assert_eq!(add.lines().count(), 2);
+        assert_eq!(add.lines().count(), 3);
         assert!(add.contains("\"kdl1\" . 198.18.0.6"));
         assert!(add.contains("\"kdl1\" : jump pool_1"));
         assert_eq!(
             p.render_remove_vm("kdl1", guest, 1),
             add.replace("add element", "delete element")
+        );
+    }
+
+    #[test]
+    fn each_vm_new_connections_are_counted_and_capped_per_pool() {
+        let text = policy().render_table();
+        assert!(text.contains("set vm_conns { type ifname; size 65535; flags dynamic; }"));
+        assert!(text.contains("map vm_ct_limit { type ifname : verdict; }"));
+        assert_eq!(
+            chain(&text, "ct_limit_0").trim_end(),
+            "chain ct_limit_0 {\n    add @vm_conns { iifname ct count over 4096 } drop"
+        );
+        assert!(chain(&text, "ct_limit_1").contains("ct count over 100 } drop"));
+        // Before every accept: prerouting (so the DNS to a host-local
+        // resolver counts too), after conntrack (-200), before DNAT (-100).
+        let new = chain(&text, "new_from_vm");
+        assert!(new.contains("type filter hook prerouting priority mangle; policy accept;"));
+        assert!(new.contains("iifname \"kdl*\" ct state new iifname vmap @vm_ct_limit"));
+        let add = policy().render_add_vm("kdl7", "198.18.0.30".parse().unwrap(), 0);
+        assert!(
+            add.contains("vm_ct_limit { \"kdl7\" : jump ct_limit_0 }"),
+            "{add}"
         );
     }
 
