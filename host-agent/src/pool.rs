@@ -72,6 +72,8 @@ pub struct Shared {
     /// Guest networking (taps, addresses, policy), if any pool has a network.
     pub network: Option<Network>,
     next_cid: AtomicU32,
+    /// The jailed VMMs' uids (one per live VM).
+    uids: Arc<crate::jail::UidAllocator>,
 }
 
 impl Shared {
@@ -84,6 +86,7 @@ impl Shared {
         network: Option<Network>,
     ) -> Self {
         Self {
+            uids: config.jail.uid_allocator(),
             config,
             client,
             metrics,
@@ -171,12 +174,21 @@ async fn cycle(shared: &Shared, pool: &PoolConfig, slot: u32) -> CycleReport {
     };
     report.vm_name = format!("{}-{slot}-{}", pool.name, short(&vm_id.0));
     let cid = shared.cid();
-    let jail = shared.config.jail.enabled.then(|| {
-        shared
-            .config
-            .jail
-            .for_vm(&report.vm_name, cid, pool.vcpus, pool.memory_mib)
-    });
+    // The VM holds its uid until its spec is dropped, after teardown.
+    let jail = match shared.config.jail.enabled.then(|| shared.uids.allocate()) {
+        None => None,
+        Some(Ok(uid)) => Some(shared.config.jail.for_vm(
+            &report.vm_name,
+            uid,
+            pool.vcpus,
+            pool.memory_mib,
+        )),
+        Some(Err(e)) => {
+            deregister(shared, &vm_id).await;
+            report.failure = Some(e.to_string());
+            return report;
+        }
+    };
     // The jailed VMM opens its tap by name as its own uid.
     let owner = jail.as_ref().map(|j| (j.uid, j.gid));
     let network = match attach_network(shared, pool, owner).await {

@@ -8,12 +8,15 @@
 //! what the jailer does, in order.
 
 pub mod jailer;
+pub mod uids;
 
 use std::ffi::OsString;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+
+pub use uids::{UidAllocator, UidLease, UidsExhausted};
 
 /// `[jail]` in the host agent's configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -23,9 +26,10 @@ pub struct JailConfig {
     pub enabled: bool,
     /// The jailer binary; default `kindling-jailer` next to the host agent.
     pub jailer: Option<PathBuf>,
-    /// First uid (and gid) of the range VMMs run as; VM n gets base + n.
+    /// First uid (and gid) of the range VMMs run as; each live VM holds
+    /// one id of the range, taken at start, returned at teardown.
     pub uid_base: u32,
-    /// How many ids the range has (more than VMs alive at once).
+    /// How many ids the range has (at least the VMs alive at once).
     pub uid_count: u32,
     /// cgroup v2 directory under which each VM gets its own group.
     pub cgroup_parent: PathBuf,
@@ -116,14 +120,21 @@ impl JailConfig {
         })
     }
 
-    /// The per-VM jail for a VM with guest CID `cid` (unique among live VMs,
-    /// hence its uid/gid `uid_base + cid % uid_count`).
-    pub fn for_vm(&self, name: &str, cid: u32, vcpus: u8, memory_mib: u32) -> JailSpec {
-        let id = self.uid_base + cid % self.uid_count;
+    /// The allocator of this range's uids (one per agent, shared by every
+    /// slot).
+    pub fn uid_allocator(&self) -> std::sync::Arc<UidAllocator> {
+        UidAllocator::new(self.uid_base, self.uid_count)
+    }
+
+    /// The per-VM jail for a VM holding `uid` (its uid and gid, until the
+    /// spec and every clone of it are dropped).
+    pub fn for_vm(&self, name: &str, uid: UidLease, vcpus: u8, memory_mib: u32) -> JailSpec {
+        let id = uid.uid();
         JailSpec {
             jailer: self.jailer_path(),
             uid: id,
             gid: id,
+            _uid_lease: std::sync::Arc::new(uid),
             cgroup: self.cgroup_parent.join(name),
             cpu_max: format!("{} 100000", u64::from(vcpus.max(1)) * 100_000),
             memory_max: (u64::from(memory_mib) + self.memory_overhead_mib) << 20,
@@ -154,7 +165,7 @@ pub struct JailedVmm<'a> {
 }
 
 /// One VM's jail.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct JailSpec {
     /// The jailer binary.
     pub jailer: PathBuf,
@@ -162,6 +173,9 @@ pub struct JailSpec {
     pub uid: u32,
     /// The VMM's gid.
     pub gid: u32,
+    /// Holds `uid` for this VM until the last clone of the spec is dropped
+    /// (after teardown).
+    _uid_lease: std::sync::Arc<UidLease>,
     /// The VM's cgroup directory.
     pub cgroup: PathBuf,
     /// cpu.max.
@@ -280,12 +294,33 @@ mod tests {
     }
 
     #[test]
+    fn a_vm_holds_its_uid_until_its_spec_and_every_clone_are_dropped() {
+        let config = JailConfig {
+            uid_count: 2,
+            ..JailConfig::default()
+        };
+        let uids = config.uid_allocator();
+        let a = config.for_vm("a", uids.allocate().unwrap(), 1, 128);
+        let b = config.for_vm("b", uids.allocate().unwrap(), 1, 128);
+        assert_ne!(a.uid, b.uid);
+        assert!(uids.allocate().is_err(), "a third live VM got a uid");
+        let (freed, clone) = (a.uid, a.clone());
+        drop(a);
+        assert!(uids.allocate().is_err(), "freed while a clone lives");
+        drop(clone);
+        let c = config.for_vm("c", uids.allocate().unwrap(), 1, 128);
+        assert_eq!(c.uid, freed);
+        assert_ne!(c.uid, b.uid);
+    }
+
+    #[test]
     fn per_vm_ids_and_limits() {
         let config = JailConfig::default();
-        let a = config.for_vm("a", 3, 2, 256);
-        let b = config.for_vm("b", 4, 1, 128);
+        let uids = config.uid_allocator();
+        let a = config.for_vm("a", uids.allocate().unwrap(), 2, 256);
+        let b = config.for_vm("b", uids.allocate().unwrap(), 1, 128);
         assert_ne!(a.uid, b.uid);
-        assert_eq!(a.uid, 900_003);
+        assert_eq!((a.uid, a.gid), (900_000, 900_000));
         assert_eq!(a.cpu_max, "200000 100000");
         assert_eq!(a.memory_max, (256 + 64) << 20);
         assert_eq!(a.cgroup, PathBuf::from("/sys/fs/cgroup/kindling/a"));
@@ -300,7 +335,7 @@ mod tests {
         });
         let text: Vec<String> = argv.iter().map(|a| a.to_string_lossy().into()).collect();
         let joined = text.join(" ");
-        assert!(joined.contains("--uid 900003 --gid 900003"), "{joined}");
+        assert!(joined.contains("--uid 900000 --gid 900000"), "{joined}");
         assert!(
             joined.ends_with("--exec /bin/vmm -- --kernel /k"),
             "{joined}"
