@@ -1,13 +1,12 @@
-//! The jail every VMM runs in: the host agent's side (settings, per-VM ids
-//! and limits, the jailer command line) and the jailer process itself
-//! ([`jailer`], the `kindling-jailer` binary).
+//! The jail every VMM runs in, as the host agent sees it: settings, per-VM
+//! ids ([`uids`]) and limits, and the jailer's command line.
 //!
 //! The agent (root) never execs the VMM directly when the jail is on: it
 //! prepares the VM directory for the VM's own uid, then execs
-//! `kindling-jailer ... --exec <vmm> -- <vmm args>`; see [`jailer`] for
-//! what the jailer does, in order.
+//! `kindling-jailer ... --exec <vmm> -- <vmm args>`. The jailer is its own
+//! small crate and binary (`jailer/`, no async runtime or network code);
+//! its crate documentation says what it does, in order.
 
-pub mod jailer;
 pub mod uids;
 
 use std::ffi::OsString;
@@ -260,7 +259,25 @@ impl JailSpec {
 
     /// Removes the VM's cgroup (after its processes are gone).
     pub fn remove_cgroup(&self) {
-        jailer::remove_cgroup(&self.cgroup);
+        remove_cgroup(&self.cgroup);
+    }
+}
+
+/// Removes a VM's cgroup, retrying for up to 3 s while its last processes
+/// finish exiting (the jailer removes it itself when it outlives the VMM;
+/// after a SIGKILL of the whole group, or a crash, the agent does).
+pub fn remove_cgroup(cgroup: &Path) {
+    let mut last = None;
+    for _ in 0..150 {
+        match std::fs::remove_dir(cgroup) {
+            Ok(()) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    if let Some(e) = last {
+        tracing::warn!("cannot remove cgroup {}: {e}", cgroup.display());
     }
 }
 
@@ -311,6 +328,41 @@ mod tests {
         let c = config.for_vm("c", uids.allocate().unwrap(), 1, 128);
         assert_eq!(c.uid, freed);
         assert_ne!(c.uid, b.uid);
+    }
+
+    #[test]
+    fn the_jailer_parses_the_command_line_the_agent_builds() {
+        use clap::Parser as _;
+        let config = JailConfig::default();
+        let spec = config.for_vm("vm-1", config.uid_allocator().allocate().unwrap(), 2, 256);
+        let (program, argv) = spec.command(&JailedVmm {
+            id: "vm-1",
+            mount_point: Path::new("/s/jail-root"),
+            vmm: Path::new("/bin/vmm"),
+            args: &["--kernel".into(), "/k".into(), "--rng".into()],
+            read_only: &[Path::new("/k"), Path::new("/i")],
+            dir: Path::new("/s/vms/vm-1"),
+            devices: &["kvm"],
+        });
+        assert!(program.ends_with("kindling-jailer"), "{program:?}");
+        let parsed = kindling_jailer::JailerArgs::try_parse_from(
+            std::iter::once(OsString::from("kindling-jailer")).chain(argv),
+        )
+        .unwrap();
+        assert_eq!(
+            (parsed.id.as_str(), parsed.uid, parsed.gid),
+            ("vm-1", spec.uid, spec.gid)
+        );
+        assert_eq!(parsed.cgroup, spec.cgroup);
+        assert_eq!(parsed.memory_max, Some(spec.memory_max));
+        assert_eq!(parsed.pids_max, Some(spec.pids_max));
+        assert_eq!(parsed.nofile, spec.nofile);
+        assert_eq!(parsed.io_max, spec.io_max);
+        assert_eq!(parsed.ro_binds, [PathBuf::from("/k"), PathBuf::from("/i")]);
+        assert_eq!(parsed.rw_binds, [PathBuf::from("/s/vms/vm-1")]);
+        assert_eq!(parsed.devices, [kindling_jailer::JailDevice::Kvm]);
+        assert_eq!(parsed.exec, PathBuf::from("/bin/vmm"));
+        assert_eq!(parsed.args, ["--kernel", "/k", "--rng"]);
     }
 
     #[test]
