@@ -189,9 +189,7 @@ async fn cycle(shared: &Shared, pool: &PoolConfig, slot: u32) -> CycleReport {
             return report;
         }
     };
-    // The jailed VMM opens its tap by name as its own uid.
-    let owner = jail.as_ref().map(|j| (j.uid, j.gid));
-    let network = match attach_network(shared, pool, owner).await {
+    let network = match attach_network(shared, pool).await {
         Ok(network) => network,
         Err(e) => {
             deregister(shared, &vm_id).await;
@@ -248,11 +246,7 @@ async fn cycle(shared: &Shared, pool: &PoolConfig, slot: u32) -> CycleReport {
 }
 
 /// The VM's tap, address and policy, if its pool has a network.
-async fn attach_network(
-    shared: &Shared,
-    pool: &PoolConfig,
-    owner: Option<(u32, u32)>,
-) -> Result<Option<VmNetwork>, String> {
+async fn attach_network(shared: &Shared, pool: &PoolConfig) -> Result<Option<VmNetwork>, String> {
     if pool.network == PoolNetwork::None {
         return Ok(None);
     }
@@ -261,7 +255,9 @@ async fn attach_network(
         .as_ref()
         .ok_or("pool has a network but the agent's networking is not started")?;
     network
-        .attach(&pool.name, owner, pool.rate_limit.vmm_options())
+        // No owner: the jailer (root) attaches the tap and hands the jailed
+        // VMM its fd; no VMM attaches to a tap by name.
+        .attach(&pool.name, None, pool.rate_limit.vmm_options())
         .await
         .map(Some)
         .map_err(|e| format!("setting up the VM's network: {e}"))

@@ -8,8 +8,6 @@ use std::path::PathBuf;
 pub enum JailDevice {
     /// `/dev/kvm`.
     Kvm,
-    /// `/dev/net/tun` (to open the VM's persistent tap by name).
-    Tun,
 }
 
 impl JailDevice {
@@ -17,7 +15,6 @@ impl JailDevice {
     pub fn path(self) -> &'static str {
         match self {
             Self::Kvm => "/dev/kvm",
-            Self::Tun => "/dev/net/tun",
         }
     }
 }
@@ -26,7 +23,7 @@ impl JailDevice {
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
     name = "kindling-jailer",
-    about = "Starts a VMM jailed: own uid/gid, mount/PID/IPC namespaces, pivot_root, cgroup, rlimits"
+    about = "Starts a VMM jailed: own uid/gid, mount/PID/IPC/network namespaces, pivot_root, cgroup, rlimits"
 )]
 pub struct JailerArgs {
     /// The VM's id (names its cgroup).
@@ -69,6 +66,11 @@ pub struct JailerArgs {
     /// Device nodes to create, owned by the VM's uid.
     #[arg(long = "dev", value_enum)]
     pub devices: Vec<JailDevice>,
+    /// The VM's tap: attached in the host's network namespace before the
+    /// VMM gets its own, empty one, and inherited by the VMM as fd 3
+    /// ([`crate::TAP_FD`]; give the VMM `--net tap-fd=3,...`).
+    #[arg(long)]
+    pub tap: Option<String>,
     /// The VMM binary (its shared libraries are bound too).
     #[arg(long)]
     pub exec: PathBuf,

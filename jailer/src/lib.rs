@@ -13,7 +13,12 @@
 //! 1. the cgroup v2 group `<cgroup>` is created with `cpu.max`,
 //!    `memory.max` (+ `memory.swap.max` 0), `pids.max` and, where the VM
 //!    directory sits on a block device, `io.max` ([`cgroup`]);
-//! 2. `unshare(NEWNS | NEWPID | NEWIPC)`, then `fork`: the child is PID 1 of
+//! 2. the VM's tap, if it has one, is attached in the host's network
+//!    namespace ([`tap`]); then `unshare(NEWNS | NEWPID | NEWIPC | NEWNET)`:
+//!    the VMM's network namespace is new and empty (no interfaces, and
+//!    none of the host's abstract Unix sockets, which are scoped per
+//!    network namespace; path-based sockets such as the vsock ones in the
+//!    VM directory work as before); then `fork`: the child is PID 1 of
 //!    the new PID namespace (it can see no other process); the parent stays
 //!    outside, forwards SIGTERM/SIGINT/SIGHUP to it, waits, removes the
 //!    cgroup and ends the same way the VMM ended (same exit code, or the
@@ -22,8 +27,8 @@
 //!    tmpfs as the new root and bind-mounts into it, *at their host paths*,
 //!    only: the VMM binary and its shared libraries ([`elf`], read-only),
 //!    the kernel and image (read-only), the VM's own directory (read-write,
-//!    noexec: sockets, serial capture), plus `/dev/kvm` and `/dev/net/tun`
-//!    device nodes owned by the VM's uid ([`root`]). Same paths inside and
+//!    noexec: sockets, serial capture), plus a `/dev/kvm` device node owned
+//!    by the VM's uid ([`root`]). Same paths inside and
 //!    outside mean the VMM's command line and its Unix sockets need no
 //!    translation;
 //! 4. `pivot_root` into it, detach the old root, remount the new root
@@ -31,16 +36,19 @@
 //! 5. rlimits (`RLIMIT_NOFILE`, `RLIMIT_CORE` = 0, `RLIMIT_NPROC`), then
 //!    `setgroups([])`, `setresgid`, `setresuid` to the VM's own ids (all
 //!    capabilities are gone with uid 0), `PR_SET_NO_NEW_PRIVS`;
-//! 6. close every fd above stderr, and exec the VMM with an empty
-//!    environment. The VMM then installs its seccomp filters.
+//! 6. close every fd above stderr but the tap (moved to fd 3), and exec the
+//!    VMM with an empty environment. The VMM then installs its seccomp
+//!    filters.
 
 mod args;
 mod cgroup;
 mod elf;
 mod error;
 mod root;
+mod tap;
 
 use std::ffi::{CString, OsStr};
+use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -58,6 +66,7 @@ pub use args::{JailDevice, JailerArgs};
 pub use cgroup::remove_cgroup;
 pub use error::JailerError;
 use error::{io, sys};
+pub use tap::TAP_FD;
 
 /// The VMM's pid as the parent sees it (for signal forwarding).
 static CHILD: AtomicI32 = AtomicI32::new(0);
@@ -80,22 +89,34 @@ pub fn run(args: &JailerArgs) -> Result<i32, JailerError> {
     // fatal signal.
     setrlimit(Resource::RLIMIT_CORE, 0, 0).map_err(sys("RLIMIT_CORE"))?;
     let libs = elf::shared_libraries(&args.exec)?;
+    // In the host's network namespace, before leaving it.
+    let tap = args.tap.as_deref().map(tap::open_tap).transpose()?;
     if let Err(e) = cgroup::setup_cgroup(args) {
         remove_cgroup(&args.cgroup);
         return Err(e);
     }
-    unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWIPC)
-        .map_err(sys("unshare(NEWNS|NEWPID|NEWIPC)"))?;
+    let namespaces = CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWNET;
+    if let Err(e) = unshare(namespaces) {
+        remove_cgroup(&args.cgroup);
+        return Err(sys("unshare(NEWNS|NEWPID|NEWIPC|NEWNET)")(e));
+    }
     // SAFETY: the jailer is single-threaded; the child only makes syscalls
     // and execs (or exits).
     match unsafe { fork() }.map_err(sys("fork"))? {
         ForkResult::Child => {
-            let err = enter_jail_and_exec(args, &libs);
+            let err = enter_jail_and_exec(args, &libs, tap.as_ref());
             eprintln!("{err}");
             // SAFETY: leaving the child without running the parent's atexit.
             unsafe { nix::libc::_exit(1) }
         }
-        ForkResult::Parent { child } => Ok(supervise(args, child)),
+        ForkResult::Parent { child } => {
+            // Only the VMM holds the tap.
+            drop(tap);
+            Ok(supervise(args, child))
+        }
     }
 }
 
@@ -138,8 +159,8 @@ fn supervise(args: &JailerArgs, child: Pid) -> i32 {
 }
 
 /// Child side: steps 3 to 6. Returns only on failure.
-fn enter_jail_and_exec(args: &JailerArgs, libs: &[PathBuf]) -> JailerError {
-    match jail_steps(args, libs) {
+fn enter_jail_and_exec(args: &JailerArgs, libs: &[PathBuf], tap: Option<&File>) -> JailerError {
+    match jail_steps(args, libs, tap) {
         Ok(never) => match never {},
         Err(e) => e,
     }
@@ -148,6 +169,7 @@ fn enter_jail_and_exec(args: &JailerArgs, libs: &[PathBuf]) -> JailerError {
 fn jail_steps(
     args: &JailerArgs,
     libs: &[PathBuf],
+    tap: Option<&File>,
 ) -> Result<std::convert::Infallible, JailerError> {
     // Join the cgroup ("0" = the writing process) before anything else.
     cgroup::write_file(&args.cgroup.join("cgroup.procs"), "0")?;
@@ -217,9 +239,23 @@ fn jail_steps(
     nix::unistd::setresuid(uid, uid, uid).map_err(sys("setresuid"))?;
     nix::sys::prctl::set_no_new_privs().map_err(sys("PR_SET_NO_NEW_PRIVS"))?;
 
-    // Only stdin/stdout/stderr (the agent's log file) survive.
+    // Only stdin/stdout/stderr (the agent's log file) and the tap survive.
+    let first_closed = match tap {
+        Some(tap) => {
+            tap::pass_to_vmm(tap)?;
+            TAP_FD + 1
+        }
+        None => 3,
+    };
     // SAFETY: close_range(2) on fds this process owns; nothing else runs.
-    unsafe { nix::libc::syscall(nix::libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+    unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_close_range,
+            first_closed as u32,
+            u32::MAX,
+            0u32,
+        )
+    };
     let exe = cstring(args.exec.as_os_str())?;
     let mut argv = vec![exe.clone()];
     for arg in &args.args {

@@ -17,6 +17,11 @@ use serde::Deserialize;
 
 pub use uids::{UidAllocator, UidLease, UidsExhausted};
 
+/// The fd on which a jailed VMM finds its tap: the jailer attaches the tap
+/// named by `--tap` in the host's network namespace and hands it over as
+/// this fd (the VMM's own network namespace is empty).
+pub const TAP_FD: i32 = 3;
+
 /// `[jail]` in the host agent's configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -159,8 +164,11 @@ pub struct JailedVmm<'a> {
     pub read_only: &'a [&'a Path],
     /// The VM directory, bound read-write.
     pub dir: &'a Path,
-    /// Device nodes ("kvm", "tun").
+    /// Device nodes ("kvm").
     pub devices: &'a [&'a str],
+    /// The VM's tap, if it has one: the jailer attaches it and hands it to
+    /// the VMM as fd [`TAP_FD`].
+    pub tap: Option<&'a str>,
 }
 
 /// One VM's jail.
@@ -226,6 +234,7 @@ impl JailSpec {
             read_only,
             dir,
             devices,
+            tap,
         } = vm;
         let mut out: Vec<OsString> = Vec::new();
         let mut flag = |name: &str, value: OsString| {
@@ -250,6 +259,9 @@ impl JailSpec {
         flag("rw-bind", dir.into());
         for device in devices.iter() {
             flag("dev", (*device).into());
+        }
+        if let Some(tap) = tap {
+            flag("tap", tap.into());
         }
         flag("exec", vmm.into());
         out.push("--".into());
@@ -343,6 +355,7 @@ mod tests {
             read_only: &[Path::new("/k"), Path::new("/i")],
             dir: Path::new("/s/vms/vm-1"),
             devices: &["kvm"],
+            tap: Some("kdl7"),
         });
         assert!(program.ends_with("kindling-jailer"), "{program:?}");
         let parsed = kindling_jailer::JailerArgs::try_parse_from(
@@ -361,6 +374,8 @@ mod tests {
         assert_eq!(parsed.ro_binds, [PathBuf::from("/k"), PathBuf::from("/i")]);
         assert_eq!(parsed.rw_binds, [PathBuf::from("/s/vms/vm-1")]);
         assert_eq!(parsed.devices, [kindling_jailer::JailDevice::Kvm]);
+        assert_eq!(parsed.tap.as_deref(), Some("kdl7"));
+        assert_eq!(TAP_FD, kindling_jailer::TAP_FD);
         assert_eq!(parsed.exec, PathBuf::from("/bin/vmm"));
         assert_eq!(parsed.args, ["--kernel", "/k", "--rng"]);
     }
@@ -384,6 +399,7 @@ mod tests {
             read_only: &[Path::new("/k")],
             dir: Path::new("/s/vms/a"),
             devices: &["kvm"],
+            tap: None,
         });
         let text: Vec<String> = argv.iter().map(|a| a.to_string_lossy().into()).collect();
         let joined = text.join(" ");
