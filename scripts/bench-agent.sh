@@ -49,7 +49,7 @@ minimal="$("$repo_root/guest-image/build.sh" minimal --print-path)"
 debian="$("$repo_root/guest-image/build.sh" debian --print-path)"
 
 say "release builds"
-cargo build --release --locked -p vmm -p host-agent -p harness --bins
+cargo build --release --locked -p vmm -p host-agent -p kindling-jailer -p harness --bins
 cargo build --release --locked -p runner-agent --example fake-host
 target_dir="${CARGO_TARGET_DIR:-$repo_root/target}"
 [[ "$target_dir" = /* ]] || target_dir="$repo_root/$target_dir"

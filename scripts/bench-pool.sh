@@ -29,7 +29,7 @@ kernel="$("$repo_root/kernel-config/build.sh" --print-dir)/vmlinux"
 image="$("$repo_root/guest-image/build.sh" minimal --print-path)"
 
 say "building release binaries"
-cargo build --release --locked -p harness -p vmm -p host-agent -p orchestrator --bins
+cargo build --release --locked -p harness -p vmm -p host-agent -p kindling-jailer -p orchestrator --bins
 bin="${CARGO_TARGET_DIR:-$repo_root/target}/release"
 
 scenario="$(mktemp --suffix=.sh)"

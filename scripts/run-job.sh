@@ -24,7 +24,7 @@ phase "setup (cached)" "$(elapsed "$t0")"
 
 t0=$(now)
 say "building release binaries"
-cargo build --release --locked -p harness -p vmm -p host-agent --bins
+cargo build --release --locked -p harness -p vmm -p host-agent -p kindling-jailer --bins
 phase "build" "$(elapsed "$t0")"
 bin="$repo_root/target/release"
 

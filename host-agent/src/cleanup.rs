@@ -76,7 +76,7 @@ pub fn remove_leftovers(
             cleaned.vm_ids.push(id);
         }
         if let (Some(jail), Some(name)) = (jail, dir.file_name()) {
-            crate::jail::jailer::remove_cgroup(&jail.cgroup_parent.join(name));
+            crate::jail::remove_cgroup(&jail.cgroup_parent.join(name));
         }
         if dir.is_dir() {
             std::fs::remove_dir_all(&dir)?;

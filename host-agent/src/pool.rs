@@ -118,6 +118,8 @@ pub struct Shared {
     /// Timing knobs and the test seam.
     pub tuning: Tuning,
     next_cid: AtomicU32,
+    /// The jailed VMMs' uids (one per live VM).
+    uids: Arc<crate::jail::UidAllocator>,
 }
 
 impl Shared {
@@ -131,6 +133,7 @@ impl Shared {
         tuning: Tuning,
     ) -> Self {
         Self {
+            uids: config.jail.uid_allocator(),
             config,
             client,
             metrics,
@@ -349,15 +352,22 @@ async fn cycle(shared: &Shared, pool: &PoolConfig, slot: u32, held: &mut Held) -
     report.vm_name = format!("{}-{slot}-{}", pool.name, short(&vm_id.0));
     held.vm_name = report.vm_name.clone();
     let cid = shared.cid();
-    let jail = shared.config.jail.enabled.then(|| {
-        shared
-            .config
-            .jail
-            .for_vm(&report.vm_name, cid, pool.vcpus, pool.memory_mib)
-    });
-    // The jailed VMM opens its tap by name as its own uid.
-    let owner = jail.as_ref().map(|j| (j.uid, j.gid));
-    let network = match attach_network(shared, pool, owner).await {
+    // The VM holds its uid until its spec is dropped, after teardown.
+    let jail = match shared.config.jail.enabled.then(|| shared.uids.allocate()) {
+        None => None,
+        Some(Ok(uid)) => Some(shared.config.jail.for_vm(
+            &report.vm_name,
+            uid,
+            pool.vcpus,
+            pool.memory_mib,
+        )),
+        Some(Err(e)) => {
+            deregister(shared, &vm_id).await;
+            report.failure = Some(e.to_string());
+            return report;
+        }
+    };
+    let network = match attach_network(shared, pool).await {
         Ok(network) => network,
         Err(e) => {
             report.failure = Some(e);
@@ -404,11 +414,7 @@ async fn cycle(shared: &Shared, pool: &PoolConfig, slot: u32, held: &mut Held) -
 }
 
 /// The VM's tap, address and policy, if its pool has a network.
-async fn attach_network(
-    shared: &Shared,
-    pool: &PoolConfig,
-    owner: Option<(u32, u32)>,
-) -> Result<Option<VmNetwork>, String> {
+async fn attach_network(shared: &Shared, pool: &PoolConfig) -> Result<Option<VmNetwork>, String> {
     if pool.network == PoolNetwork::None {
         return Ok(None);
     }
@@ -417,7 +423,9 @@ async fn attach_network(
         .as_ref()
         .ok_or("pool has a network but the agent's networking is not started")?;
     network
-        .attach(&pool.name, owner, pool.rate_limit.vmm_options())
+        // No owner: the jailer (root) attaches the tap and hands the jailed
+        // VMM its fd; no VMM attaches to a tap by name.
+        .attach(&pool.name, None, pool.rate_limit.vmm_options())
         .await
         .map(Some)
         .map_err(|e| format!("setting up the VM's network: {e}"))

@@ -99,9 +99,14 @@ pub struct VmSpec {
     pub network: Option<crate::net::VmNetwork>,
 }
 
-/// The VMM arguments of the VM's network device (none without one).
+/// The VMM arguments of the VM's network device (none without one). A
+/// jailed VMM runs in an empty network namespace: its jailer attaches the
+/// tap in the host's and hands it over as fd [`crate::jail::TAP_FD`].
 fn network_args(spec: &VmSpec) -> Vec<String> {
     match &spec.network {
+        Some(net) if spec.jail.is_some() => {
+            vec!["--net".into(), net.vmm_arg_with_fd(crate::jail::TAP_FD)]
+        }
         Some(net) => vec!["--net".into(), net.vmm_arg()],
         None => Vec::new(),
     }
@@ -253,7 +258,7 @@ impl RunningVm {
 /// Turns the VMM command into the jailer command for `spec`'s jail: the
 /// VM directory and its bound sockets go to the VM's uid, the kernel and
 /// image are bound read-only, `/dev/kvm` is the only device (a tap, when
-/// the VM has one, is opened through `/dev/net/tun`).
+/// the VM has one, is attached by the jailer and inherited as an fd).
 fn jailed_command(
     jail: &JailSpec,
     state_dir: &Path,
@@ -266,13 +271,7 @@ fn jailed_command(
     jail.prepare_dir(dir, sockets)?;
     let mount_point = state_dir.join("jail-root");
     let read_only = [spec.kernel.as_path(), spec.image.as_path()];
-    // A VM with a network opens its tap (owned by its uid) through
-    // /dev/net/tun.
-    let devices: &[&str] = if spec.network.is_some() {
-        &["kvm", "tun"]
-    } else {
-        &["kvm"]
-    };
+    let tap = spec.network.as_ref().map(|net| net.link.tap_name());
     Ok(jail.command(&crate::jail::JailedVmm {
         id: &spec.name,
         mount_point: &mount_point,
@@ -280,7 +279,8 @@ fn jailed_command(
         args,
         read_only: &read_only,
         dir,
-        devices,
+        devices: &["kvm"],
+        tap: tap.as_deref(),
     }))
 }
 

@@ -4,8 +4,9 @@
 //!
 //! * `a_running_vmm_is_confined`: while a job runs, the scenario inspects
 //!   the VMM process from the L1: every thread in seccomp filter mode
-//!   (`Seccomp: 2`), and, with the jail, its uid/gid, namespaces, cgroup
-//!   limits, rlimits and root directory. The job handles a secret; after it,
+//!   (`Seccomp: 2`), and, with the jail, its uid/gid, namespaces (an
+//!   abstract Unix socket of the host is out of reach from its network
+//!   namespace), cgroup limits, rlimits and root directory. The job handles a secret; after it,
 //!   the host agent's state directory, its log, the VMM log and the serial
 //!   capture must not contain the secret's value.
 //! * `a_forbidden_syscall_kills_the_vmm_and_the_job_says_so`: the
@@ -111,9 +112,17 @@ fact seccomp threads=$threads filtered=$filtered
 fact nnp value=$(awk '/^NoNewPrivs:/ {print $2}' /proc/$pid/status)
 # Jail: ids, capabilities, namespaces, cgroup limits, rlimits, root.
 fact ids uid=$(awk '/^Uid:/ {print $2}' /proc/$pid/status) gid=$(awk '/^Gid:/ {print $2}' /proc/$pid/status) capeff=$(awk '/^CapEff:/ {print $2}' /proc/$pid/status) nspid=$(awk '/^NSpid:/ {print $NF}' /proc/$pid/status)
-for n in mnt pid ipc; do
+for n in mnt pid ipc net; do
     [ "$(readlink /proc/$pid/ns/$n)" != "$(readlink /proc/$agent/ns/$n)" ] && fact ns $n=own || fact ns $n=shared
 done
+# An abstract Unix socket of the host: reachable from the agent's network
+# namespace, not from the VMM's (abstract sockets are per namespace).
+netlab unix-listen kindling-host-probe > /tmp/probe.log 2>&1 &
+probe=$!
+wait_for 10 "the abstract socket probe" grep -qs listening /tmp/probe.log
+netlab unix-connect kindling-host-probe && fact abstract host=reachable || fact abstract host=unreachable
+nsenter --net=/proc/$pid/ns/net netlab unix-connect kindling-host-probe && fact abstract vmm=reachable || fact abstract vmm=unreachable
+kill $probe
 cg=/sys/fs/cgroup$(sed -n 's/^0:://p' /proc/$pid/cgroup)
 echo "cgroup $cg"
 fact cgroup named=$(basename $(dirname $cg)) memory=$(cat $cg/memory.max) pids=$(cat $cg/pids.max) cpu=$(cut -d' ' -f1 $cg/cpu.max)
@@ -140,7 +149,7 @@ tail -5 /tmp/confined.log
 fn a_running_vmm_is_confined() {
     let script = format!("{SHELL_HELPERS}{PRELUDE}{CONFINED_SCRIPT}");
     let jobs = [("confined.yaml", CONFINED_JOB)];
-    let out = run_ok("sec-confined", &script, 420, &[], &jobs);
+    let out = run_ok("sec-confined", &script, 420, &["netlab"], &jobs);
     let o = &out.output;
     let f = Facts::parse(o);
     let threads: u32 = f.get("seccomp", "threads").unwrap().parse().unwrap();
@@ -159,9 +168,13 @@ fn a_running_vmm_is_confined() {
     assert_eq!(f.get("ids", "gid"), Some(&*uid.to_string()), "{o}");
     assert_eq!(f.get("ids", "capeff"), Some("0000000000000000"), "{o}");
     assert_eq!(f.get("ids", "nspid"), Some("1"), "{o}");
-    for ns in ["mnt", "pid", "ipc"] {
+    for ns in ["mnt", "pid", "ipc", "net"] {
         assert_eq!(f.get("ns", ns), Some("own"), "{ns}: {o}");
     }
+    // From its own, empty network namespace the host's abstract Unix
+    // sockets are out of reach.
+    assert_eq!(f.get("abstract", "host"), Some("reachable"), "{o}");
+    assert_eq!(f.get("abstract", "vmm"), Some("unreachable"), "{o}");
     // cgroup: 256 MiB guest + 64 MiB overhead, 64 pids, 1 vCPU of CPU.
     assert_eq!(f.get("cgroup", "named"), Some("kindling"), "{o}");
     assert_eq!(

@@ -34,7 +34,8 @@ pub struct Cli {
     /// Vsock device: `cid=N,uds=PATH`.
     #[arg(long)]
     pub vsock: Option<VsockConfig>,
-    /// Network device: `tap=NAME,mac=aa:bb:cc:dd:ee:ff` (repeatable).
+    /// Network device: `tap=NAME,mac=aa:bb:cc:dd:ee:ff` (repeatable);
+    /// `tap-fd=N` instead of `tap=` uses an inherited, attached tap.
     #[arg(long = "net")]
     pub nets: Vec<NetConfig>,
     /// Add a virtio-rng device.

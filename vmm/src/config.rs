@@ -249,12 +249,18 @@ impl fmt::Display for MacAddress {
     }
 }
 
-/// A virtio-net device backed by a host tap device.
+/// A virtio-net device backed by a host tap device, named or inherited.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
-    /// Name of an existing tap device.
+    /// Name of an existing tap device (empty when `tap_fd` is given).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub tap: String,
+    /// An already attached tap the VMM inherited as this fd (instead of
+    /// `tap`): a jailed VMM in an empty network namespace cannot open one
+    /// by name. It must be a tap attached with `IFF_NO_PI | IFF_VNET_HDR`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap_fd: Option<i32>,
     /// The guest's MAC address.
     pub mac: MacAddress,
     /// Limits of the frames to the guest (host -> guest).
@@ -277,12 +283,14 @@ fn default_burst(rate: u64, min: u64) -> u64 {
 impl FromStr for NetConfig {
     type Err = String;
 
-    /// Parses `tap=NAME,mac=aa:bb:cc:dd:ee:ff` plus optional limits per
+    /// Parses `tap=NAME,mac=aa:bb:cc:dd:ee:ff` (or `tap-fd=N` instead of
+    /// `tap=`: an inherited, attached tap) plus optional limits per
     /// direction (`rx` to the guest, `tx` from it):
     /// `{rx,tx}-bytes-per-sec=N`, `{rx,tx}-bytes-burst=N`,
     /// `{rx,tx}-packets-per-sec=N`, `{rx,tx}-packets-burst=N`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut tap = None;
+        let mut tap_fd = None;
         let mut mac = None;
         // [rx, tx] x [bytes rate, bytes burst, packets rate, packets burst]
         let mut limits = [[None::<u64>; 4]; 2];
@@ -306,12 +314,15 @@ impl FromStr for NetConfig {
             };
             match (key, value) {
                 ("tap", Some(v)) => tap = Some(v.to_string()),
+                ("tap-fd", Some(v)) => {
+                    tap_fd = Some(v.parse::<i32>().map_err(|e| format!("`tap-fd={v}`: {e}"))?)
+                }
                 ("mac", Some(v)) => mac = Some(v.parse()?),
                 _ => match limit_slot(key) {
                     Some((d, k)) => limits[d][k] = Some(number(value)?),
                     None => {
                         return Err(format!(
-                            "unknown key `{key}` (expected tap, mac, \
+                            "unknown key `{key}` (expected tap, tap-fd, mac, \
                              {{rx,tx}}-{{bytes,packets}}-{{per-sec,burst}})"
                         ));
                     }
@@ -335,8 +346,14 @@ impl FromStr for NetConfig {
                 ops: bucket(l[2], l[3], "packets", 1)?,
             })
         };
+        let tap = match (tap, tap_fd) {
+            (Some(_), Some(_)) => return Err("give `tap=` or `tap-fd=`, not both".into()),
+            (None, None) => return Err("missing `tap=` (or `tap-fd=`)".into()),
+            (tap, _) => tap.unwrap_or_default(),
+        };
         Ok(Self {
-            tap: tap.ok_or("missing `tap=`")?,
+            tap,
+            tap_fd,
             mac: mac.ok_or("missing `mac=`")?,
             rx_limit: direction(limits[0], "rx")?,
             tx_limit: direction(limits[1], "tx")?,
@@ -506,6 +523,7 @@ impl VmConfig {
         for (i, net) in self.net.iter().enumerate() {
             validate_net(i, net)?;
         }
+        validate_tap_fds(&self.net)?;
         if self.serial.max_bytes == 0 {
             return Err(invalid("serial.max_bytes", "must be at least 1"));
         }
@@ -554,19 +572,19 @@ fn validate_vsock(vsock: &VsockConfig) -> Result<(), ConfigError> {
 }
 
 fn validate_net(index: usize, net: &NetConfig) -> Result<(), ConfigError> {
-    let field = format!("net[{index}].tap");
-    if net.tap.is_empty() || net.tap.len() > 15 {
-        return Err(invalid(field, "an interface name has 1 to 15 bytes"));
-    }
-    if net
-        .tap
-        .bytes()
-        .any(|b| b == b'/' || b == b':' || !b.is_ascii_graphic())
-    {
-        return Err(invalid(
-            field,
-            format!("`{}` is not a valid interface name", net.tap),
-        ));
+    if let Some(fd) = net.tap_fd {
+        let field = format!("net[{index}].tap_fd");
+        if !net.tap.is_empty() {
+            return Err(invalid(field, "give a tap name or a tap fd, not both"));
+        }
+        if fd < 3 {
+            return Err(invalid(
+                field,
+                format!("{fd} is stdin, stdout or stderr (or not an fd)"),
+            ));
+        }
+    } else {
+        validate_tap_name(index, &net.tap)?;
     }
     if net.mac.0[0] & 1 != 0 {
         return Err(invalid(
@@ -598,6 +616,45 @@ fn validate_net(index: usize, net: &NetConfig) -> Result<(), ConfigError> {
                 ));
             }
         }
+    }
+    Ok(())
+}
+
+/// Inherited tap fds are adopted (closed with their device): each may be
+/// named once, and only when the VMM opens no tap of its own, so that a
+/// `tap-fd` can only name a tap it was handed, never one it opened.
+fn validate_tap_fds(nets: &[NetConfig]) -> Result<(), ConfigError> {
+    let by_fd = nets.iter().filter(|n| n.tap_fd.is_some()).count();
+    if by_fd != 0 && by_fd != nets.len() {
+        return Err(invalid(
+            "net",
+            "either every device gives `tap-fd` or none does",
+        ));
+    }
+    for (i, net) in nets.iter().enumerate() {
+        if net.tap_fd.is_some() && nets[..i].iter().any(|n| n.tap_fd == net.tap_fd) {
+            return Err(invalid(
+                format!("net[{i}].tap_fd"),
+                "the same fd is given to two devices",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn validate_tap_name(index: usize, tap: &str) -> Result<(), ConfigError> {
+    let field = format!("net[{index}].tap");
+    if tap.is_empty() || tap.len() > 15 {
+        return Err(invalid(field, "an interface name has 1 to 15 bytes"));
+    }
+    if tap
+        .bytes()
+        .any(|b| b == b'/' || b == b':' || !b.is_ascii_graphic())
+    {
+        return Err(invalid(
+            field,
+            format!("`{tap}` is not a valid interface name"),
+        ));
     }
     Ok(())
 }
@@ -755,6 +812,51 @@ mod tests {
             burst: MIN_BYTE_BURST,
         });
         cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn a_tap_is_named_or_inherited_as_an_fd() {
+        let n: NetConfig = "tap-fd=3,mac=02:00:00:00:00:01,rx-bytes-per-sec=1048576"
+            .parse()
+            .unwrap();
+        assert_eq!((n.tap.as_str(), n.tap_fd), ("", Some(3)));
+        assert_eq!(n.rx_limit.bytes.map(|b| b.rate), Some(1 << 20));
+        let n: NetConfig = "tap=t0,mac=02:00:00:00:00:01".parse().unwrap();
+        assert_eq!((n.tap.as_str(), n.tap_fd), ("t0", None));
+        for (bad, why) in [
+            ("tap=t0,tap-fd=3,mac=02:00:00:00:00:01", "not both"),
+            ("mac=02:00:00:00:00:01", "missing `tap=`"),
+            ("tap-fd=x,mac=02:00:00:00:00:01", "tap-fd=x"),
+            ("tap-fd=,mac=02:00:00:00:00:01", "tap-fd="),
+            ("tap-fd=3", "missing `mac=`"),
+        ] {
+            let err = bad.parse::<NetConfig>().unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+
+        let mut cfg = VmConfig::with_kernel(kernel_file());
+        cfg.net
+            .push("tap-fd=3,mac=02:00:00:00:00:01".parse().unwrap());
+        cfg.validate().unwrap();
+        cfg.net[0].tap_fd = Some(2);
+        assert_eq!(field_of(cfg.validate().unwrap_err()), "net[0].tap_fd");
+        cfg.net[0].tap_fd = Some(3);
+        cfg.net
+            .push("tap-fd=3,mac=02:00:00:00:00:02".parse().unwrap());
+        assert_eq!(field_of(cfg.validate().unwrap_err()), "net[1].tap_fd");
+        cfg.net[1].tap_fd = Some(4);
+        cfg.validate().unwrap();
+        // A named tap next to inherited ones: refused (the fd it opened
+        // could be named by a `tap-fd`).
+        cfg.net[1] = "tap=t1,mac=02:00:00:00:00:02".parse().unwrap();
+        assert_eq!(field_of(cfg.validate().unwrap_err()), "net");
+        // JSON: `tap_fd` instead of `tap`.
+        let json = serde_json::to_string(&cfg.net[0]).unwrap();
+        assert_eq!(json, r#"{"tap_fd":3,"mac":"02:00:00:00:00:01"}"#);
+        assert_eq!(
+            serde_json::from_str::<NetConfig>(&json).unwrap(),
+            cfg.net[0]
+        );
     }
 
     #[test]

@@ -287,7 +287,11 @@ impl Machine {
             placer.add(Box::new(block))?;
         }
         for (index, net) in config.net.iter().enumerate() {
-            let tap = Tap::open(&net.tap).map_err(|source| MachineError::Tap { index, source })?;
+            let tap = match net.tap_fd {
+                Some(fd) => Tap::from_fd(fd),
+                None => Tap::open(&net.tap),
+            }
+            .map_err(|source| MachineError::Tap { index, source })?;
             let device = Net::new(Box::new(tap), net.mac)
                 .with_limits(net.rx_limit, net.tx_limit)
                 .map_err(|source| MachineError::RateLimiter { index, source })?;

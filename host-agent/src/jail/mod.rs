@@ -1,19 +1,26 @@
-//! The jail every VMM runs in: the host agent's side (settings, per-VM ids
-//! and limits, the jailer command line) and the jailer process itself
-//! ([`jailer`], the `kindling-jailer` binary).
+//! The jail every VMM runs in, as the host agent sees it: settings, per-VM
+//! ids ([`uids`]) and limits, and the jailer's command line.
 //!
 //! The agent (root) never execs the VMM directly when the jail is on: it
 //! prepares the VM directory for the VM's own uid, then execs
-//! `kindling-jailer ... --exec <vmm> -- <vmm args>`; see [`jailer`] for
-//! what the jailer does, in order.
+//! `kindling-jailer ... --exec <vmm> -- <vmm args>`. The jailer is its own
+//! small crate and binary (`jailer/`, no async runtime or network code);
+//! its crate documentation says what it does, in order.
 
-pub mod jailer;
+pub mod uids;
 
 use std::ffi::OsString;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+
+pub use uids::{UidAllocator, UidLease, UidsExhausted};
+
+/// The fd on which a jailed VMM finds its tap: the jailer attaches the tap
+/// named by `--tap` in the host's network namespace and hands it over as
+/// this fd (the VMM's own network namespace is empty).
+pub const TAP_FD: i32 = 3;
 
 /// `[jail]` in the host agent's configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -23,9 +30,10 @@ pub struct JailConfig {
     pub enabled: bool,
     /// The jailer binary; default `kindling-jailer` next to the host agent.
     pub jailer: Option<PathBuf>,
-    /// First uid (and gid) of the range VMMs run as; VM n gets base + n.
+    /// First uid (and gid) of the range VMMs run as; each live VM holds
+    /// one id of the range, taken at start, returned at teardown.
     pub uid_base: u32,
-    /// How many ids the range has (more than VMs alive at once).
+    /// How many ids the range has (at least the VMs alive at once).
     pub uid_count: u32,
     /// cgroup v2 directory under which each VM gets its own group.
     pub cgroup_parent: PathBuf,
@@ -116,14 +124,21 @@ impl JailConfig {
         })
     }
 
-    /// The per-VM jail for a VM with guest CID `cid` (unique among live VMs,
-    /// hence its uid/gid `uid_base + cid % uid_count`).
-    pub fn for_vm(&self, name: &str, cid: u32, vcpus: u8, memory_mib: u32) -> JailSpec {
-        let id = self.uid_base + cid % self.uid_count;
+    /// The allocator of this range's uids (one per agent, shared by every
+    /// slot).
+    pub fn uid_allocator(&self) -> std::sync::Arc<UidAllocator> {
+        UidAllocator::new(self.uid_base, self.uid_count)
+    }
+
+    /// The per-VM jail for a VM holding `uid` (its uid and gid, until the
+    /// spec and every clone of it are dropped).
+    pub fn for_vm(&self, name: &str, uid: UidLease, vcpus: u8, memory_mib: u32) -> JailSpec {
+        let id = uid.uid();
         JailSpec {
             jailer: self.jailer_path(),
             uid: id,
             gid: id,
+            _uid_lease: std::sync::Arc::new(uid),
             cgroup: self.cgroup_parent.join(name),
             cpu_max: format!("{} 100000", u64::from(vcpus.max(1)) * 100_000),
             memory_max: (u64::from(memory_mib) + self.memory_overhead_mib) << 20,
@@ -149,12 +164,15 @@ pub struct JailedVmm<'a> {
     pub read_only: &'a [&'a Path],
     /// The VM directory, bound read-write.
     pub dir: &'a Path,
-    /// Device nodes ("kvm", "tun").
+    /// Device nodes ("kvm").
     pub devices: &'a [&'a str],
+    /// The VM's tap, if it has one: the jailer attaches it and hands it to
+    /// the VMM as fd [`TAP_FD`].
+    pub tap: Option<&'a str>,
 }
 
 /// One VM's jail.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct JailSpec {
     /// The jailer binary.
     pub jailer: PathBuf,
@@ -162,6 +180,9 @@ pub struct JailSpec {
     pub uid: u32,
     /// The VMM's gid.
     pub gid: u32,
+    /// Holds `uid` for this VM until the last clone of the spec is dropped
+    /// (after teardown).
+    _uid_lease: std::sync::Arc<UidLease>,
     /// The VM's cgroup directory.
     pub cgroup: PathBuf,
     /// cpu.max.
@@ -213,6 +234,7 @@ impl JailSpec {
             read_only,
             dir,
             devices,
+            tap,
         } = vm;
         let mut out: Vec<OsString> = Vec::new();
         let mut flag = |name: &str, value: OsString| {
@@ -238,6 +260,9 @@ impl JailSpec {
         for device in devices.iter() {
             flag("dev", (*device).into());
         }
+        if let Some(tap) = tap {
+            flag("tap", tap.into());
+        }
         flag("exec", vmm.into());
         out.push("--".into());
         out.extend(args.iter().cloned());
@@ -246,7 +271,25 @@ impl JailSpec {
 
     /// Removes the VM's cgroup (after its processes are gone).
     pub fn remove_cgroup(&self) {
-        jailer::remove_cgroup(&self.cgroup);
+        remove_cgroup(&self.cgroup);
+    }
+}
+
+/// Removes a VM's cgroup, retrying for up to 3 s while its last processes
+/// finish exiting (the jailer removes it itself when it outlives the VMM;
+/// after a SIGKILL of the whole group, or a crash, the agent does).
+pub fn remove_cgroup(cgroup: &Path) {
+    let mut last = None;
+    for _ in 0..150 {
+        match std::fs::remove_dir(cgroup) {
+            Ok(()) => return,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    if let Some(e) = last {
+        tracing::warn!("cannot remove cgroup {}: {e}", cgroup.display());
     }
 }
 
@@ -280,12 +323,71 @@ mod tests {
     }
 
     #[test]
+    fn a_vm_holds_its_uid_until_its_spec_and_every_clone_are_dropped() {
+        let config = JailConfig {
+            uid_count: 2,
+            ..JailConfig::default()
+        };
+        let uids = config.uid_allocator();
+        let a = config.for_vm("a", uids.allocate().unwrap(), 1, 128);
+        let b = config.for_vm("b", uids.allocate().unwrap(), 1, 128);
+        assert_ne!(a.uid, b.uid);
+        assert!(uids.allocate().is_err(), "a third live VM got a uid");
+        let (freed, clone) = (a.uid, a.clone());
+        drop(a);
+        assert!(uids.allocate().is_err(), "freed while a clone lives");
+        drop(clone);
+        let c = config.for_vm("c", uids.allocate().unwrap(), 1, 128);
+        assert_eq!(c.uid, freed);
+        assert_ne!(c.uid, b.uid);
+    }
+
+    #[test]
+    fn the_jailer_parses_the_command_line_the_agent_builds() {
+        use clap::Parser as _;
+        let config = JailConfig::default();
+        let spec = config.for_vm("vm-1", config.uid_allocator().allocate().unwrap(), 2, 256);
+        let (program, argv) = spec.command(&JailedVmm {
+            id: "vm-1",
+            mount_point: Path::new("/s/jail-root"),
+            vmm: Path::new("/bin/vmm"),
+            args: &["--kernel".into(), "/k".into(), "--rng".into()],
+            read_only: &[Path::new("/k"), Path::new("/i")],
+            dir: Path::new("/s/vms/vm-1"),
+            devices: &["kvm"],
+            tap: Some("kdl7"),
+        });
+        assert!(program.ends_with("kindling-jailer"), "{program:?}");
+        let parsed = kindling_jailer::JailerArgs::try_parse_from(
+            std::iter::once(OsString::from("kindling-jailer")).chain(argv),
+        )
+        .unwrap();
+        assert_eq!(
+            (parsed.id.as_str(), parsed.uid, parsed.gid),
+            ("vm-1", spec.uid, spec.gid)
+        );
+        assert_eq!(parsed.cgroup, spec.cgroup);
+        assert_eq!(parsed.memory_max, Some(spec.memory_max));
+        assert_eq!(parsed.pids_max, Some(spec.pids_max));
+        assert_eq!(parsed.nofile, spec.nofile);
+        assert_eq!(parsed.io_max, spec.io_max);
+        assert_eq!(parsed.ro_binds, [PathBuf::from("/k"), PathBuf::from("/i")]);
+        assert_eq!(parsed.rw_binds, [PathBuf::from("/s/vms/vm-1")]);
+        assert_eq!(parsed.devices, [kindling_jailer::JailDevice::Kvm]);
+        assert_eq!(parsed.tap.as_deref(), Some("kdl7"));
+        assert_eq!(TAP_FD, kindling_jailer::TAP_FD);
+        assert_eq!(parsed.exec, PathBuf::from("/bin/vmm"));
+        assert_eq!(parsed.args, ["--kernel", "/k", "--rng"]);
+    }
+
+    #[test]
     fn per_vm_ids_and_limits() {
         let config = JailConfig::default();
-        let a = config.for_vm("a", 3, 2, 256);
-        let b = config.for_vm("b", 4, 1, 128);
+        let uids = config.uid_allocator();
+        let a = config.for_vm("a", uids.allocate().unwrap(), 2, 256);
+        let b = config.for_vm("b", uids.allocate().unwrap(), 1, 128);
         assert_ne!(a.uid, b.uid);
-        assert_eq!(a.uid, 900_003);
+        assert_eq!((a.uid, a.gid), (900_000, 900_000));
         assert_eq!(a.cpu_max, "200000 100000");
         assert_eq!(a.memory_max, (256 + 64) << 20);
         assert_eq!(a.cgroup, PathBuf::from("/sys/fs/cgroup/kindling/a"));
@@ -297,10 +399,11 @@ mod tests {
             read_only: &[Path::new("/k")],
             dir: Path::new("/s/vms/a"),
             devices: &["kvm"],
+            tap: None,
         });
         let text: Vec<String> = argv.iter().map(|a| a.to_string_lossy().into()).collect();
         let joined = text.join(" ");
-        assert!(joined.contains("--uid 900003 --gid 900003"), "{joined}");
+        assert!(joined.contains("--uid 900000 --gid 900000"), "{joined}");
         assert!(
             joined.ends_with("--exec /bin/vmm -- --kernel /k"),
             "{joined}"

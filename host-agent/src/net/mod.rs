@@ -72,9 +72,19 @@ pub struct VmNetwork {
 }
 
 impl VmNetwork {
-    /// The VMM's `--net` argument.
+    /// The VMM's `--net` argument (the VMM opens the tap by name).
     pub fn vmm_arg(&self) -> String {
-        let mut arg = format!("tap={},mac={}", self.link.tap_name(), self.link.guest_mac());
+        self.vmm_arg_for(&format!("tap={}", self.link.tap_name()))
+    }
+
+    /// The VMM's `--net` argument when the tap is handed to it already
+    /// attached, as fd `fd` (a jailed VMM).
+    pub fn vmm_arg_with_fd(&self, fd: i32) -> String {
+        self.vmm_arg_for(&format!("tap-fd={fd}"))
+    }
+
+    fn vmm_arg_for(&self, tap: &str) -> String {
+        let mut arg = format!("{tap},mac={}", self.link.guest_mac());
         if !self.vmm_options.is_empty() {
             arg.push(',');
             arg.push_str(&self.vmm_options);
@@ -329,6 +339,10 @@ mod tests {
         assert_eq!(
             n.vmm_arg(),
             "tap=kdl3,mac=02:6b:64:00:00:03,rx-bytes-per-sec=1000"
+        );
+        assert_eq!(
+            n.vmm_arg_with_fd(3),
+            "tap-fd=3,mac=02:6b:64:00:00:03,rx-bytes-per-sec=1000"
         );
         assert_eq!(
             n.kernel_param(),

@@ -6,11 +6,19 @@
 //! - `netlab listen LOG ADDR:PORT...`: TCP listeners that append one line
 //!   per accepted connection (`ADDR:PORT <- PEER`) to LOG, then close it.
 //!   Used on forbidden destinations: an empty LOG proves nothing got there.
+//! - `netlab unix-listen NAME`: listens on the abstract Unix socket NAME
+//!   (scoped to its network namespace) and closes every connection.
+//! - `netlab unix-connect NAME`: connects to it once; exit status 0 and
+//!   `connected` when it could, 1 and the error when it could not. Run in
+//!   a jailed VMM's network namespace, it shows whether the VMM could
+//!   reach the host's abstract sockets.
 //!
-//! Both run until killed.
+//! The listeners run until killed.
 
 use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
+use std::os::linux::net::SocketAddrExt as _;
+use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener, UnixStream};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -18,9 +26,13 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("dns") if args.len() >= 2 => dns(&args[1], &args[2..]),
         Some("listen") if args.len() >= 3 => listen(&args[1], &args[2..]),
-        _ => {
-            Err("usage: netlab dns ADDR:PORT NAME=IPV4... | netlab listen LOG ADDR:PORT...".into())
-        }
+        Some("unix-listen") if args.len() == 2 => unix_listen(&args[1]),
+        Some("unix-connect") if args.len() == 2 => unix_connect(&args[1]),
+        _ => Err(
+            "usage: netlab dns ADDR:PORT NAME=IPV4... | netlab listen LOG ADDR:PORT... \
+                  | netlab unix-listen NAME | netlab unix-connect NAME"
+                .into(),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -125,9 +137,40 @@ fn listen(log: &str, addrs: &[String]) -> Result<(), String> {
     Ok(())
 }
 
+/// The abstract Unix socket address NAME.
+fn abstract_addr(name: &str) -> Result<UnixAddr, String> {
+    UnixAddr::from_abstract_name(name.as_bytes()).map_err(|e| format!("@{name}: {e}"))
+}
+
+fn unix_listen(name: &str) -> Result<(), String> {
+    let listener = UnixListener::bind_addr(&abstract_addr(name)?)
+        .map_err(|e| format!("binding @{name}: {e}"))?;
+    println!("listening on @{name}");
+    for stream in listener.incoming() {
+        drop(stream);
+    }
+    Ok(())
+}
+
+fn unix_connect(name: &str) -> Result<(), String> {
+    UnixStream::connect_addr(&abstract_addr(name)?)
+        .map_err(|e| format!("connecting to @{name}: {e}"))?;
+    println!("connected");
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_abstract_socket_is_reached_by_name() {
+        let name = format!("netlab-test-{}", std::process::id());
+        assert!(unix_connect(&name).is_err(), "nobody listens yet");
+        let listener = UnixListener::bind_addr(&abstract_addr(&name).unwrap()).unwrap();
+        unix_connect(&name).unwrap();
+        drop(listener);
+    }
 
     fn query(name: &str, qtype: u8) -> Vec<u8> {
         let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];

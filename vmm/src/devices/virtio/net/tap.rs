@@ -1,5 +1,7 @@
 //! A host tap device: one Ethernet frame per read(2)/write(2) on an fd
-//! from /dev/net/tun, opened by name (created if absent when the VMM may).
+//! from /dev/net/tun, opened by name (created if absent when the VMM may),
+//! or inherited already attached (a jailed VMM in an empty network
+//! namespace: its jailer attaches the tap in the host's namespace).
 //!
 //! The tap is attached with `IFF_VNET_HDR` and a header size of 12
 //! (`TUNSETVNETHDRSZ`): every frame, both ways, is preceded by a
@@ -14,7 +16,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
 /// Longest interface name, without the NUL.
@@ -44,6 +46,14 @@ pub enum TapError {
         name: String,
         /// The error.
         source: io::Error,
+    },
+    /// An inherited fd is not an attached tap with the flags we need.
+    #[error("fd {fd} is not a tap attached with IFF_NO_PI and IFF_VNET_HDR: {why}")]
+    NotATap {
+        /// The fd.
+        fd: RawFd,
+        /// What is wrong with it.
+        why: String,
     },
     /// TUNSETVNETHDRSZ failed.
     #[error("cannot set the vnet header size of tap {name}: {source}")]
@@ -110,21 +120,76 @@ impl Tap {
                 source: io::Error::last_os_error(),
             });
         }
+        Self::configure(file, name.to_string())
+    }
+
+    /// Adopts the inherited fd `fd`: it must be a tap already attached with
+    /// `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR` (checked with `TUNGETIFF`
+    /// before the fd is taken over, so a wrong fd stays untouched). It is
+    /// made non-blocking and close-on-exec, and closed with the device.
+    /// The caller names each fd once, and only fds it was handed.
+    pub fn from_fd(fd: RawFd) -> Result<Self, TapError> {
+        let not_a_tap = |why: String| TapError::NotATap { fd, why };
+        if fd < 3 {
+            return Err(not_a_tap("stdin, stdout and stderr are not taps".into()));
+        }
+        // SAFETY: ifreq is plain old data; all-zero is a valid value.
+        let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+        // SAFETY: TUNGETIFF writes one ifreq through the pointer, which
+        // points at a live ifreq; on any other kind of fd it fails (EBADF,
+        // ENOTTY, EINVAL, EBADFD) without touching it; rc is checked.
+        let rc = unsafe { libc::ioctl(fd, libc::TUNGETIFF, &mut request) };
+        if rc < 0 {
+            return Err(not_a_tap(format!(
+                "TUNGETIFF: {}",
+                io::Error::last_os_error()
+            )));
+        }
+        // SAFETY: TUNGETIFF filled in the flags member of the union.
+        let flags = i32::from(unsafe { request.ifr_ifru.ifru_flags });
+        let needed = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+        if flags & needed != needed {
+            return Err(not_a_tap(format!("its flags are {flags:#x}")));
+        }
+        let name: String = request
+            .ifr_name
+            .iter()
+            .take_while(|&&c| c != 0)
+            .map(|&c| c as u8 as char)
+            .collect();
+        // SAFETY: fcntl on a valid fd (TUNGETIFF succeeded on it), with
+        // integer arguments only; every rc is checked (also below).
+        let status = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        let fcntl_failed = status < 0
+            // SAFETY: as above.
+            || unsafe { libc::fcntl(fd, libc::F_SETFL, status | libc::O_NONBLOCK) } < 0
+            // SAFETY: as above.
+            || unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0;
+        if fcntl_failed {
+            return Err(not_a_tap(format!("fcntl: {}", io::Error::last_os_error())));
+        }
+        // SAFETY: `fd` is an open tap fd this process inherited and that
+        // nothing else here owns (the config names each fd once, and only
+        // when the VMM opens no tap itself); the File becomes its one owner.
+        let file = unsafe { File::from_raw_fd(fd) };
+        Self::configure(file, name)
+    }
+
+    /// Sets the vnet header size and resets the offloads of an attached
+    /// tap.
+    fn configure(file: File, name: String) -> Result<Self, TapError> {
         // SAFETY: TUNSETVNETHDRSZ reads one c_int through the pointer, which
         // points at a live c_int; the fd is an attached tap; rc is checked.
         let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &VNET_HDR_SIZE) };
         if rc < 0 {
             return Err(TapError::VnetHeaderSize {
-                name: name.to_string(),
+                name,
                 source: io::Error::last_os_error(),
             });
         }
-        let mut tap = Self {
-            file,
-            name: name.to_string(),
-        };
+        let mut tap = Self { file, name };
         tap.set_offloads(0).map_err(|source| TapError::Offload {
-            name: name.to_string(),
+            name: tap.name.clone(),
             source,
         })?;
         Ok(tap)
@@ -173,6 +238,84 @@ impl FrameDevice for Tap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_inherited_fd_that_is_no_tap_is_refused_and_left_open() {
+        let file = File::open("/dev/null").unwrap();
+        let fd = file.as_raw_fd();
+        let err = Tap::from_fd(fd).unwrap_err();
+        assert!(matches!(err, TapError::NotATap { .. }), "{err}");
+        assert!(err.to_string().contains("TUNGETIFF"), "{err}");
+        // Still open and still ours: not adopted.
+        // SAFETY: F_GETFD on an fd `file` owns.
+        assert!(unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0);
+        assert!(matches!(Tap::from_fd(1), Err(TapError::NotATap { .. })));
+        drop(file);
+    }
+
+    /// Attaches a fresh (non-persistent) tap with `flags`, as a jailer does;
+    /// `None` where this process may not create taps (no CAP_NET_ADMIN or
+    /// no /dev/net/tun).
+    fn attached_tap(name: &str, flags: libc::c_int) -> Option<File> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .ok()?;
+        // SAFETY: ifreq is plain old data; all-zero is a valid value.
+        let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in request.ifr_name.iter_mut().zip(name.bytes()) {
+            *dst = src as libc::c_char;
+        }
+        request.ifr_ifru.ifru_flags = flags as libc::c_short;
+        // SAFETY: TUNSETIFF reads an ifreq from a tun fd; rc is checked.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut request) };
+        (rc == 0).then_some(file)
+    }
+
+    #[test]
+    fn an_inherited_attached_tap_is_adopted_with_its_name() {
+        use std::os::fd::IntoRawFd;
+        let name = format!("kdlt{}", std::process::id() % 100_000);
+        let flags = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+        let Some(file) = attached_tap(&name, flags) else {
+            eprintln!("skipped: cannot create a tap here (needs CAP_NET_ADMIN)");
+            return;
+        };
+        let fd = file.into_raw_fd();
+        let tap = Tap::from_fd(fd).unwrap();
+        assert_eq!(tap.name(), name);
+        assert_eq!(tap.raw_fd(), fd);
+        // SAFETY: F_GETFL/F_GETFD on the fd `tap` owns.
+        let (status, fd_flags) = unsafe {
+            (
+                libc::fcntl(fd, libc::F_GETFL),
+                libc::fcntl(fd, libc::F_GETFD),
+            )
+        };
+        assert_ne!(status & libc::O_NONBLOCK, 0);
+        assert_ne!(fd_flags & libc::FD_CLOEXEC, 0);
+        // Non-blocking: no frame waiting is WouldBlock, not a hang.
+        let mut tap = tap;
+        let err = tap.read_frame(&mut [0; 64]).unwrap_err();
+        assert!(
+            matches!(err.kind(), io::ErrorKind::WouldBlock)
+                || err.raw_os_error() == Some(libc::EIO),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_tap_attached_without_a_vnet_header_is_refused() {
+        let name = format!("kdlu{}", std::process::id() % 100_000);
+        let Some(file) = attached_tap(&name, libc::IFF_TAP | libc::IFF_NO_PI) else {
+            eprintln!("skipped: cannot create a tap here (needs CAP_NET_ADMIN)");
+            return;
+        };
+        let err = Tap::from_fd(file.as_raw_fd()).unwrap_err();
+        assert!(matches!(err, TapError::NotATap { .. }), "{err}");
+        assert!(err.to_string().contains("flags"), "{err}");
+    }
 
     #[test]
     fn names_are_checked_before_any_syscall() {

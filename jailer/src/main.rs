@@ -1,10 +1,10 @@
-//! `kindling-jailer`: starts one VMM jailed (see `host_agent::jail::jailer`).
-//! Run by the host agent as root; not meant to be run by hand.
+//! `kindling-jailer`: starts one VMM jailed (see the `kindling_jailer`
+//! library). Run by the host agent as root; not meant to be run by hand.
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use host_agent::jail::jailer::{JailerArgs, run};
+use kindling_jailer::{JailerArgs, run};
 
 fn main() -> ExitCode {
     let args = JailerArgs::parse();
