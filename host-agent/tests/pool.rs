@@ -135,6 +135,7 @@ async fn world(tuning: Tuning, test_guest: bool) -> World {
             network: Default::default(),
             allow: Vec::new(),
             rate_limit: Default::default(),
+            conntrack_limit: host_agent::config::DEFAULT_CONNTRACK_LIMIT,
         }],
         // A script stands in for the VMM here: no jail.
         jail: host_agent::jail::JailConfig {
