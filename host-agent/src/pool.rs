@@ -19,7 +19,6 @@ use protocol::api::{RegisterVmRequest, VmId, VmToken};
 use protocol::message::{Job, JobResult};
 use tokio::sync::watch;
 
-use crate::cleanup::record_vm_id;
 use crate::config::{Config, PoolConfig, PoolNetwork};
 use crate::log_rate::LogRateLimit;
 use crate::metrics::Metrics;
@@ -217,7 +216,7 @@ async fn cycle(shared: &Shared, pool: &PoolConfig, slot: u32) -> CycleReport {
         }
     };
     // If this agent dies, its successor's clean-up deregisters the VM.
-    if let Err(e) = record_vm_id(&vm.dir, &vm_id.0) {
+    if let Err(e) = vm.record_vm_id(&vm_id.0) {
         tracing::warn!(vm = %report.vm_name, "cannot record the VM id: {e}");
     }
     let outcome = serve_vm(shared, pool, &mut vm, &vm_id, &token, &mut report).await;
@@ -306,6 +305,10 @@ async fn serve_vm(
     report.dispatch_to_first_log = outcome.first_log.map(|t| t - acquired);
     report.run = Some(outcome.finished - acquired);
     metrics.job_outcome(result_label(&outcome.result));
+    if outcome.final_post_error.is_some() {
+        // Logged with the job's id by the relay.
+        metrics.orchestrator_errors.inc();
+    }
     tracing::info!(vm = %report.vm_name, job = %job.id, result = ?outcome.result, "job ended");
     report.result = Some(outcome.result);
     Ok(())
