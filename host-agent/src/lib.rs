@@ -8,7 +8,7 @@
 //! [`records`] (the agent's own bookkeeping of its VMs, outside the jail),
 //! [`process`] (a pid and its start time), [`vmm_log`] (the VMM's log,
 //! read through the agent's descriptor), [`reason`] (failure reasons that
-//! fit the protocol),
+//! fit the protocol), [`leftovers`] (what a run left on the host),
 //! [`metrics`], [`net`] (taps, addresses and the nftables policy),
 //! [`single_shot`] (`host-agent run job.yaml`).
 
@@ -16,6 +16,7 @@ pub mod agent;
 pub mod cleanup;
 pub mod config;
 pub mod jail;
+pub mod leftovers;
 pub mod log_rate;
 pub mod metrics;
 pub mod net;

@@ -56,6 +56,8 @@ pub struct CycleReport {
     pub result: Option<JobResult>,
     /// Why the cycle failed before a job, if it did.
     pub failure: Option<String>,
+    /// The process spawned for the VM (to check that none is left).
+    pub vmm: Option<crate::process::ProcessIdentity>,
 }
 
 /// What the slots share.
@@ -215,6 +217,7 @@ async fn cycle(shared: &Shared, pool: &PoolConfig, slot: u32) -> CycleReport {
             return report;
         }
     };
+    report.vmm = vm.process();
     // If this agent dies, its successor's clean-up deregisters the VM.
     if let Err(e) = vm.record_vm_id(&vm_id.0) {
         tracing::warn!(vm = %report.vm_name, "cannot record the VM id: {e}");
