@@ -67,7 +67,7 @@ impl Agent {
             path: config.state_dir.clone(),
             source,
         };
-        let cleaned = remove_leftovers(&vms, &config.vmm, jail_of(&config)).map_err(state_err)?;
+        let cleaned = remove_leftovers(&config.state_dir, jail_of(&config)).map_err(state_err)?;
         if cleaned.dirs > 0 {
             tracing::warn!(
                 processes = cleaned.processes,
@@ -131,7 +131,7 @@ impl Agent {
         }
         // Slots cut short by the grace period left their VMs registered.
         let config = &self.shared.config;
-        match remove_leftovers(&vms_dir(config), &config.vmm, jail_of(config)) {
+        match remove_leftovers(&config.state_dir, jail_of(config)) {
             Ok(cleaned) => deregister_leftovers(&self.shared.client, config, &cleaned.vm_ids).await,
             Err(e) => tracing::warn!("final clean-up failed: {e}"),
         }
@@ -158,8 +158,7 @@ pub async fn clean_up(config: &Config) -> Result<String, AgentError> {
         path: config.state_dir.clone(),
         source,
     };
-    let cleaned =
-        remove_leftovers(&vms_dir(config), &config.vmm, jail_of(config)).map_err(state_err)?;
+    let cleaned = remove_leftovers(&config.state_dir, jail_of(config)).map_err(state_err)?;
     let net = crate::net::remove_leftovers(&config.network.nft, false).await?;
     let client = ApiClient::new(&config.orchestrator.url)?;
     deregister_leftovers(&client, config, &cleaned.vm_ids).await;

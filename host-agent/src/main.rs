@@ -26,7 +26,8 @@ enum Cmd {
         config: PathBuf,
     },
     /// Run one job in one fresh microVM with an embedded orchestrator, print its
-    /// logs and a timing summary, and exit with its result (0 ok, 1 failed, 2 other).
+    /// logs and a timing summary, and exit with its result (0 ok, 1 failed, 2 other,
+    /// 3 something was left on the host).
     Run {
         /// Job spec (YAML, or JSON with a .json extension).
         job: PathBuf,

@@ -30,7 +30,6 @@ use protocol::message::JobResult;
 use protocol::session::HEARTBEAT_TIMEOUT;
 use tokio::sync::watch;
 
-use crate::cleanup::record_vm_id;
 use crate::config::{Config, PoolConfig, PoolNetwork};
 use crate::idle;
 use crate::log_rate::LogRateLimit;
@@ -101,6 +100,8 @@ pub struct CycleReport {
     pub result: Option<JobResult>,
     /// Why the cycle failed before a job, if it did.
     pub failure: Option<String>,
+    /// The process spawned for the VM (to check that none is left).
+    pub vmm: Option<crate::process::ProcessIdentity>,
 }
 
 /// What the slots share.
@@ -402,8 +403,9 @@ async fn cycle(shared: &Shared, pool: &PoolConfig, slot: u32, held: &mut Held) -
             return report;
         }
     };
+    report.vmm = vm.process();
     // If this agent dies, its successor's clean-up deregisters the VM.
-    if let Err(e) = record_vm_id(&vm.dir, &vm_id.0) {
+    if let Err(e) = vm.record_vm_id(&vm_id.0) {
         tracing::warn!(vm = %report.vm_name, "cannot record the VM id: {e}");
     }
     let outcome = serve_vm(shared, pool, vm, &vm_id, &token, &mut state, &mut report).await;
@@ -515,6 +517,10 @@ async fn serve_vm(
     report.dispatch_to_first_log = outcome.first_log.map(|t| t - acquired);
     report.run = Some(outcome.finished - acquired);
     metrics.job_outcome(result_label(&outcome.result));
+    if outcome.final_post_error.is_some() {
+        // Logged with the job's id by the relay.
+        metrics.orchestrator_errors.inc();
+    }
     tracing::info!(vm = %report.vm_name, job = %job.id, result = ?outcome.result, "job ended");
     report.result = Some(outcome.result);
     Ok(())

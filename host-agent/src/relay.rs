@@ -21,6 +21,7 @@ use protocol::message::{GuestMessage, HostMessage, Job, JobFinished, JobResult};
 use protocol::session::HEARTBEAT_TIMEOUT;
 
 use crate::log_rate::LogRateLimit;
+use crate::reason::bounded_reason;
 use crate::vm::{GuestChannel, RunningVm};
 
 /// Events per batch posted to the sink.
@@ -36,6 +37,11 @@ pub const TIMEOUT_GRACE: Duration = Duration::from_secs(15);
 /// How long a failed channel waits for the VMM's exit, to report the exit
 /// (the cause) rather than the closed socket (its symptom).
 pub const EXIT_SETTLE: Duration = Duration::from_secs(1);
+/// Attempts at posting the final batch (the one with `JobFinished`); the
+/// sink retries transport failures within each.
+pub const FINAL_POST_ATTEMPTS: u32 = 3;
+/// Pause between two attempts at the final post.
+pub const FINAL_POST_BACKOFF: Duration = Duration::from_millis(500);
 
 /// Where a job's events go.
 pub trait EventSink: Send {
@@ -56,6 +62,10 @@ pub struct RelayOutcome {
     pub first_log: Option<Instant>,
     /// When the job finished (or failed).
     pub finished: Instant,
+    /// Why the final `JobFinished` could not be posted, if it could not
+    /// (after [`FINAL_POST_ATTEMPTS`]): the orchestrator then does not know
+    /// how the job ended.
+    pub final_post_error: Option<String>,
 }
 
 struct Batch {
@@ -114,18 +124,42 @@ async fn relay(
     let mut state = Relay::new(log_rate);
     let result = state.drive(vm, channel, job, sink, send).await;
     // Whatever happened, the job's last event says how it ended.
-    state
-        .batch
-        .events
-        .push(JobEventKind::JobFinished(JobFinished {
-            result: result.clone(),
-        }));
-    let _ = state.flush(channel, sink).await;
+    let mut events = std::mem::take(&mut state.batch.events);
+    events.push(JobEventKind::JobFinished(JobFinished {
+        result: result.clone(),
+    }));
+    let final_post_error = post_final(sink, events, &job.id).await.err();
     RelayOutcome {
         result,
         first_log: state.first_log,
         finished: Instant::now(),
+        final_post_error,
     }
+}
+
+/// Posts the job's last batch, retrying up to [`FINAL_POST_ATTEMPTS`]
+/// times (posts are idempotent by sequence number); every failure is
+/// logged with the job's id.
+async fn post_final(
+    sink: &mut impl EventSink,
+    events: Vec<JobEventKind>,
+    job: &protocol::message::JobId,
+) -> Result<(), String> {
+    let mut last = String::new();
+    for attempt in 1..=FINAL_POST_ATTEMPTS {
+        match sink.post(events.clone()).await {
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                tracing::warn!(job = %job, attempt, error = %e, "posting the job's final events failed");
+                last = e;
+            }
+        }
+        if attempt < FINAL_POST_ATTEMPTS {
+            tokio::time::sleep(FINAL_POST_BACKOFF * attempt).await;
+        }
+    }
+    tracing::error!(job = %job, error = %last, "the job's end could not be reported to the orchestrator");
+    Err(last)
 }
 
 struct Relay {
@@ -175,7 +209,10 @@ impl Relay {
         sink: &mut impl EventSink,
         send: bool,
     ) -> JobResult {
-        let error = |reason: String| JobResult::Error { reason };
+        // Our reasons hold log tails and error texts: made to fit.
+        let error = |reason: String| JobResult::Error {
+            reason: bounded_reason(&reason),
+        };
         if send && let Err(e) = channel.send_job(job).await {
             return error(format!("sending the job to the guest failed: {e}"));
         }

@@ -3,9 +3,11 @@
 //! Starts an embedded orchestrator on loopback with fresh credentials, a
 //! one-VM pool whose labels are the job's `runs-on`, submits the job, prints
 //! its logs live as they arrive, and after the VM is destroyed prints a
-//! timing summary. Nothing is left behind: the VM's directory goes with the
-//! VM, and the state directory (archive included) is removed at the end
-//! unless the caller named one.
+//! timing summary. Nothing may be left behind: once the VM is torn down,
+//! what is still there (VMM processes, VM directories and records, taps,
+//! nftables elements, cgroups) is measured *before* the state directory
+//! (archive included) is removed (unless the caller named one); anything
+//! left is listed, and the run exits with [`EXIT_LEFTOVERS`].
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -59,8 +61,14 @@ pub struct RunOptions {
 
 /// How long the job may take to show as ended once its VM is gone.
 const VM_GONE_SETTLE: Duration = Duration::from_secs(5);
+/// How long killed processes may take to be gone before they count as left.
+const LEFTOVER_SETTLE: Duration = Duration::from_secs(3);
+/// The exit code when something was left on the host (whatever the job's
+/// result).
+pub const EXIT_LEFTOVERS: i32 = 3;
 
-/// Runs the job; returns the process exit code (0 succeeded, 1 failed, 2 other).
+/// Runs the job; returns the process exit code (0 succeeded, 1 failed, 2
+/// other, [`EXIT_LEFTOVERS`] if anything was left on the host).
 pub async fn run(opts: RunOptions) -> Result<i32, String> {
     let t0 = Instant::now();
     let text = std::fs::read_to_string(&opts.job)
@@ -147,6 +155,15 @@ pub async fn run(opts: RunOptions) -> Result<i32, String> {
         },
     };
     config.validate().map_err(|e| e.to_string())?;
+    let mut probe = crate::leftovers::Probe {
+        state_dir: state_dir.clone(),
+        nft: (config.pools[0].network != PoolNetwork::None).then(|| config.network.nft.clone()),
+        ..Default::default()
+    };
+    let cgroup_parent = config
+        .jail
+        .enabled
+        .then(|| config.jail.cgroup_parent.clone());
     let setup = t0.elapsed();
 
     eprintln!(
@@ -194,15 +211,29 @@ pub async fn run(opts: RunOptions) -> Result<i32, String> {
     };
     let _ = stop_tx.send(());
     let _ = server_task.await;
+    // Measured before the state directory goes (it holds what is counted).
+    probe.spawned = cycles.iter().filter_map(|c| c.vmm).collect();
+    if let Some(parent) = &cgroup_parent {
+        probe.cgroups = cycles
+            .iter()
+            .filter(|c| !c.vm_name.is_empty())
+            .map(|c| parent.join(&c.vm_name))
+            .collect();
+    }
+    let leftovers = crate::leftovers::measure_settled(&probe, LEFTOVER_SETTLE).await;
     if temp_state {
         let _ = std::fs::remove_dir_all(&state_dir);
     }
-    let report = report?;
-    let leftovers = std::fs::read_dir(state_dir.join("vms"))
-        .map(|d| d.count())
-        .unwrap_or(0);
+    let report = match report {
+        Ok(report) => report,
+        Err(e) => {
+            warn_leftovers(&leftovers);
+            return Err(e);
+        }
+    };
 
     let code = match &report.status.state {
+        _ if leftovers.total() > 0 => EXIT_LEFTOVERS,
         JobState::Succeeded => 0,
         JobState::Failed { .. } => 1,
         _ => 2,
@@ -218,7 +249,7 @@ pub async fn run(opts: RunOptions) -> Result<i32, String> {
         submitted.elapsed(),
         first_line,
         cycles.first(),
-        leftovers,
+        &leftovers,
     );
     Ok(code)
 }
@@ -272,7 +303,7 @@ fn print_summary(
     total: Duration,
     first_line: Option<Duration>,
     cycle: Option<&CycleReport>,
-    leftovers: usize,
+    leftovers: &crate::leftovers::Leftovers,
 ) {
     let secs =
         |d: Option<Duration>| d.map_or("-".to_string(), |d| format!("{:>8.3} s", d.as_secs_f64()));
@@ -299,5 +330,20 @@ fn print_summary(
     }
     eprintln!("  submit -> first log line (client) {}", secs(first_line));
     eprintln!("  submit -> VM destroyed            {}", secs(Some(total)));
-    eprintln!("  VMs left on this host             {leftovers:>8}");
+    eprintln!(
+        "  VMs left on this host             {:>8}",
+        leftovers.total()
+    );
+    warn_leftovers(leftovers);
+}
+
+/// Lists what was left, if anything, with a warning.
+fn warn_leftovers(leftovers: &crate::leftovers::Leftovers) {
+    let left = leftovers.total();
+    if left > 0 {
+        for line in leftovers.breakdown() {
+            eprintln!("    {line}");
+        }
+        eprintln!("WARNING: this run left {left} thing(s) on the host (listed above)");
+    }
 }

@@ -7,6 +7,13 @@
 //! dial before anyone listens. Everything the VM owns lives in its directory
 //! (`<state_dir>/vms/<name>`), so teardown is: kill the process group, reap
 //! it, remove the directory.
+//!
+//! That directory belongs to the VM's uid (and is bound into its jail), so
+//! the agent, which runs as root, writes nothing there after the VMM
+//! started and reads nothing there by name: the VMM's log is read through
+//! the descriptor the agent opened before the spawn ([`VmmLog`]), and what
+//! a later clean-up needs (pid and start time, VM id) goes to the agent's
+//! own record ([`crate::records`]).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -21,6 +28,9 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::process::{Child, Command};
 
 use crate::jail::JailSpec;
+use crate::process::ProcessIdentity;
+use crate::records::{self, VmRecord};
+use crate::vmm_log::VmmLog;
 
 /// Errors running a VM.
 #[derive(Debug, thiserror::Error)]
@@ -128,11 +138,25 @@ pub struct RunningVm {
     pub started: Instant,
     child: Child,
     listener: UnixListener,
+    log: VmmLog,
+    records_dir: PathBuf,
+    record: VmRecord,
 }
 
 impl RunningVm {
-    /// Creates the VM's directory, binds its vsock listener and spawns the VMM.
+    /// Creates the VM's directory and record, binds its vsock listener and
+    /// spawns the VMM. On failure, nothing of the VM is left.
     pub async fn spawn(vmm: &Path, state_dir: &Path, spec: VmSpec) -> Result<RunningVm, VmError> {
+        let name = spec.name.clone();
+        let result = Self::start(vmm, state_dir, spec);
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(state_dir.join("vms").join(&name));
+            let _ = records::remove(&records::records_dir(state_dir), &name);
+        }
+        result
+    }
+
+    fn start(vmm: &Path, state_dir: &Path, spec: VmSpec) -> Result<RunningVm, VmError> {
         let dir = state_dir.join("vms").join(&spec.name);
         let prep = |what: &str| {
             let name = spec.name.clone();
@@ -140,11 +164,22 @@ impl RunningVm {
             move |source| VmError::Prepare { name, what, source }
         };
         std::fs::create_dir_all(&dir).map_err(prep("creating its directory"))?;
+        // The record exists before the VMM does: a crash right after the
+        // spawn still leaves the clean-up the VM's name (its cgroup).
+        let records_dir = records::records_dir(state_dir);
+        let mut record = VmRecord {
+            name: spec.name.clone(),
+            process: None,
+            vm_id: None,
+        };
+        records::write(&records_dir, &record)
+            .map_err(|e| prep("recording it")(std::io::Error::other(e)))?;
         let uds = dir.join("vsock.sock");
         let listener = UnixListener::bind(host_listener_path(&uds, RUNNER_AGENT_PORT))
             .map_err(prep("binding the runner-agent socket"))?;
-        let log = std::fs::File::create(dir.join("vmm.log")).map_err(prep("creating vmm.log"))?;
-        let log2 = log.try_clone().map_err(prep("creating vmm.log"))?;
+        let log = VmmLog::create(&dir.join("vmm.log")).map_err(prep("creating vmm.log"))?;
+        let stdout = log.writer().map_err(prep("creating vmm.log"))?;
+        let stderr = log.writer().map_err(prep("creating vmm.log"))?;
         let mut args: Vec<std::ffi::OsString> = vec![
             "--kernel".into(),
             spec.kernel.clone().into(),
@@ -175,8 +210,8 @@ impl RunningVm {
         let mut cmd = Command::new(&program);
         cmd.args(&args)
             .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
+            .stdout(stdout)
+            .stderr(stderr)
             .process_group(0)
             .kill_on_drop(true);
         let started = Instant::now();
@@ -184,8 +219,9 @@ impl RunningVm {
             vmm: program.clone(),
             source,
         })?;
-        if let Some(pid) = child.id() {
-            let _ = std::fs::write(dir.join("vmm.pid"), pid.to_string());
+        record.process = child.id().and_then(|pid| ProcessIdentity::of(pid as i32));
+        if let Err(e) = records::write(&records_dir, &record) {
+            tracing::warn!(vm = %spec.name, "cannot record the VMM's process: {e}");
         }
         Ok(RunningVm {
             spec,
@@ -193,7 +229,22 @@ impl RunningVm {
             started,
             child,
             listener,
+            log,
+            records_dir,
+            record,
         })
+    }
+
+    /// Records the VM's orchestrator id, so that a clean-up after a crash
+    /// of this agent deregisters it.
+    pub fn record_vm_id(&mut self, vm_id: &str) -> Result<(), records::RecordError> {
+        self.record.vm_id = Some(vm_id.to_string());
+        records::write(&self.records_dir, &self.record)
+    }
+
+    /// The process the agent spawned (the VMM, or its jailer), as recorded.
+    pub fn process(&self) -> Option<ProcessIdentity> {
+        self.record.process
     }
 
     /// Waits for the runner agent to dial in and complete the handshake
@@ -223,15 +274,15 @@ impl RunningVm {
         }
     }
 
-    /// The last lines the VMM wrote (its failure reason is there).
+    /// The last lines the VMM wrote (its failure reason is there), as
+    /// `": line / line"`, or empty. Bounded, and read through the agent's
+    /// own descriptor (see [`VmmLog`]), whatever the VMM did to the name.
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(self.dir.join("vmm.log")).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().rev().take(5).collect();
-        if lines.is_empty() {
+        let tail = self.log.tail();
+        if tail.is_empty() {
             String::new()
         } else {
-            let tail: Vec<&str> = lines.into_iter().rev().collect();
-            format!(": {}", tail.join(" / "))
+            format!(": {tail}")
         }
     }
 
@@ -251,6 +302,10 @@ impl RunningVm {
             let _ = tokio::task::spawn_blocking(move || jail.remove_cgroup()).await;
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+        // Last: until here, a clean-up after a crash needs the record.
+        if let Err(e) = records::remove(&self.records_dir, &self.spec.name) {
+            tracing::warn!(vm = %self.spec.name, "cannot remove the VM's record: {e}");
+        }
         t.elapsed()
     }
 }

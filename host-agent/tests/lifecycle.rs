@@ -177,6 +177,12 @@ impl World {
             .map(|d| d.count())
             .unwrap_or(0);
         assert_eq!(left, 0, "VM directories left after shutdown");
+        let records = host_agent::records::records_dir(&self.state);
+        let (records, junk) = host_agent::records::read_all(&records).unwrap();
+        assert!(
+            records.is_empty() && junk.is_empty(),
+            "VM records left after shutdown: {records:?} {junk:?}"
+        );
     }
 }
 
@@ -277,12 +283,14 @@ async fn a_killed_vmm_fails_its_job_with_a_reason() {
     // Wait for the step to run, then kill -9 the VMM (here: the agent process).
     let mut killed = false;
     for _ in 0..200 {
-        let pids: Vec<i32> = std::fs::read_dir(w.state.join("vms"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| std::fs::read_to_string(e.path().join("vmm.pid")).ok())
-            .filter_map(|s| s.trim().parse().ok())
+        // The agent's own records (never a file in the VM directory).
+        let records = host_agent::records::records_dir(&w.state);
+        let pids: Vec<i32> = host_agent::records::read_all(&records)
+            .unwrap()
+            .0
+            .iter()
+            .filter_map(|r| r.process)
+            .map(|p| p.pid)
             .collect();
         let page = w.client.events(CLIENT, &id, 0, 0).await.unwrap();
         let running = page

@@ -11,7 +11,7 @@ use std::time::Duration;
 use host_agent::log_rate::LogRateLimit;
 use host_agent::relay::{EventSink, run_job};
 use host_agent::vm::{RunningVm, VmSpec};
-use protocol::api::JobEventKind;
+use protocol::api::{JobEvent, JobEventKind, PostJobEventsRequest};
 use protocol::message::{
     GuestHello, GuestMessage, HostMessage, Job, JobFinished, JobId, JobResult, JobStep, LogChunk,
     OutputStream, PROTOCOL_VERSION, Secrets, StepFinished, StepStarted,
@@ -391,4 +391,225 @@ async fn a_vmm_that_dies_before_hello_is_reported() {
         .to_string();
     assert!(err.contains("no Hello within"), "{err}");
     vm.destroy().await;
+}
+
+/// A sink that refuses what the orchestrator refuses (it validates every
+/// post as the server does), and can fail its first final posts.
+#[derive(Default)]
+struct StrictSink {
+    events: Vec<JobEventKind>,
+    next_seq: u64,
+    /// Posts with `JobFinished` left to fail (transport trouble).
+    fail: u32,
+    /// Posts with `JobFinished` seen.
+    final_posts: u32,
+}
+
+impl EventSink for StrictSink {
+    async fn post(&mut self, events: Vec<JobEventKind>) -> Result<bool, String> {
+        if events
+            .iter()
+            .any(|e| matches!(e, JobEventKind::JobFinished(_)))
+        {
+            self.final_posts += 1;
+            if self.fail > 0 {
+                self.fail -= 1;
+                return Err("connection refused".into());
+            }
+        }
+        let request = PostJobEventsRequest {
+            events: events
+                .iter()
+                .enumerate()
+                .map(|(i, event)| JobEvent {
+                    seq: self.next_seq + i as u64,
+                    event: event.clone(),
+                })
+                .collect(),
+        };
+        request
+            .validate()
+            .map_err(|e| format!("400 Bad Request: {e}"))?;
+        self.next_seq += events.len() as u64;
+        self.events.extend(events);
+        Ok(false)
+    }
+}
+
+impl StrictSink {
+    /// The reason of the job's `JobFinished`, if it was stored.
+    fn final_reason(&self) -> Option<String> {
+        match self.events.last() {
+            Some(JobEventKind::JobFinished(JobFinished {
+                result: JobResult::Error { reason },
+            })) => Some(reason.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// The VM directory `start` creates under `dir`.
+fn vm_dir_of(dir: &Path) -> PathBuf {
+    dir.join("state/vms/vm-test")
+}
+
+/// Runs a one-step job whose VMM does `hostile` (shell, in its VM
+/// directory) once the step started and then exits 3; returns the
+/// outcome and what the sink stored. Aborts (instead of hanging) if the
+/// relay does not end within 60 s.
+async fn run_against_hostile_vmm(
+    dir: &Path,
+    hostile: &str,
+    sink: StrictSink,
+) -> (host_agent::relay::RelayOutcome, StrictSink) {
+    let started = dir.join("step-started");
+    let body = format!(
+        "echo 'vmm: the real reason is here' >&2\n\
+         while [ ! -e {started} ]; do sleep 0.05; done\n\
+         cd {vm_dir} || exit 99\n\
+         {hostile}\n\
+         exit 3",
+        started = started.display(),
+        vm_dir = vm_dir_of(dir).display(),
+    );
+    let (mut vm, mut channel, guest) = start(dir, &body).await;
+    let driver = std::thread::spawn(move || {
+        let mut s = guest.join().unwrap();
+        let _job = read_frame::<HostMessage>(&mut s).unwrap();
+        step_started(&mut s, 0, "step 0");
+        std::fs::write(started, b"").unwrap();
+        // Keeps the socket open until the relay gives up on the VM.
+        let _ = read_frame::<HostMessage>(&mut s);
+    });
+    let relay = tokio::spawn(async move {
+        let mut sink = sink;
+        let outcome = run_job(&mut vm, &mut channel, &job(1), &mut sink, None).await;
+        drop(channel);
+        vm.destroy().await;
+        (outcome, sink)
+    });
+    // A relay stuck on what the VMM left (a blocking read in a worker
+    // thread cannot be timed out from the runtime) aborts the test binary.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watched = std::sync::Arc::clone(&done);
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(60));
+        if !watched.load(std::sync::atomic::Ordering::SeqCst) {
+            eprintln!("the relay hung on what the VMM left in its directory: aborting");
+            std::process::abort();
+        }
+    });
+    let result = relay.await.unwrap();
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    driver.join().unwrap();
+    result
+}
+
+/// The reason must name the real failure and stay within the protocol.
+fn assert_honest_reason(outcome: &host_agent::relay::RelayOutcome, sink: &StrictSink) {
+    let JobResult::Error { reason } = &outcome.result else {
+        panic!("{outcome:?}")
+    };
+    assert!(
+        reason.starts_with("vm exited with exit status: 3 during step 1"),
+        "{reason}"
+    );
+    assert!(reason.contains("the real reason is here"), "{reason}");
+    assert!(reason.len() <= protocol::limits::MAX_REASON_LEN);
+    assert_eq!(
+        sink.final_reason().as_deref(),
+        Some(reason.as_str()),
+        "the orchestrator did not get the reason"
+    );
+    assert!(outcome.final_post_error.is_none(), "{outcome:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vmm_log_swapped_for_a_symlink_leaks_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("shadow");
+    std::fs::write(&secret, "root:$6$SECRET-HASH:19000:0:99999:7:::\n").unwrap();
+    let hostile = format!("rm -f vmm.log; ln -s {} vmm.log", secret.display());
+    let (outcome, sink) =
+        run_against_hostile_vmm(dir.path(), &hostile, StrictSink::default()).await;
+    assert_honest_reason(&outcome, &sink);
+    let JobResult::Error { reason } = &outcome.result else {
+        unreachable!()
+    };
+    assert!(!reason.contains("SECRET-HASH"), "secret leaked: {reason}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vmm_log_swapped_for_a_fifo_hangs_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (outcome, sink) = run_against_hostile_vmm(
+        dir.path(),
+        "rm -f vmm.log; mkfifo vmm.log",
+        StrictSink::default(),
+    )
+    .await;
+    assert_honest_reason(&outcome, &sink);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_sparse_vmm_log_costs_a_bounded_read() {
+    let dir = tempfile::tempdir().unwrap();
+    // An 8 GiB sparse file under the name, and the VMM's own log (its
+    // stderr) grown to 8 GiB of zeros after the real reason.
+    let hostile = "rm -f vmm.log; truncate -s 8G vmm.log; \
+                   echo 'vmm: the real reason is here' >&2; truncate -s 8G /dev/stderr";
+    let t = std::time::Instant::now();
+    let (outcome, sink) = run_against_hostile_vmm(dir.path(), hostile, StrictSink::default()).await;
+    assert!(t.elapsed() < Duration::from_secs(20));
+    // The tail is the zeros at the end (replaced), not the reason line
+    // 8 GiB earlier: it must still fit the protocol.
+    let JobResult::Error { reason } = &outcome.result else {
+        panic!("{outcome:?}")
+    };
+    assert!(
+        reason.starts_with("vm exited with exit status: 3 during step 1"),
+        "{reason}"
+    );
+    assert!(!reason.contains('\0'));
+    assert_eq!(sink.final_reason().as_deref(), Some(reason.as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_vmm_log_still_gives_the_orchestrator_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    // 20 KiB lines: the old reason (the whole last five lines) was refused
+    // by the orchestrator, and the job ended as "VM deregistered".
+    let hostile = "i=0; while [ $i -lt 5 ]; do head -c 20000 /dev/zero | tr '\\0' x >&2; echo >&2; \
+                   i=$((i+1)); done; echo 'vmm: the real reason is here' >&2";
+    let (outcome, sink) = run_against_hostile_vmm(dir.path(), hostile, StrictSink::default()).await;
+    assert_honest_reason(&outcome, &sink);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_final_post_is_retried_and_its_failure_reported() {
+    use host_agent::relay::FINAL_POST_ATTEMPTS;
+    // Fails twice, then stores: the job's end still reaches the sink.
+    let dir = tempfile::tempdir().unwrap();
+    let sink = StrictSink {
+        fail: 2,
+        ..Default::default()
+    };
+    let (outcome, sink) = run_against_hostile_vmm(dir.path(), "true", sink).await;
+    assert_honest_reason(&outcome, &sink);
+    assert_eq!(sink.final_posts, 3);
+    // Always fails: bounded attempts, and the outcome says so.
+    let dir = tempfile::tempdir().unwrap();
+    let sink = StrictSink {
+        fail: u32::MAX,
+        ..Default::default()
+    };
+    let (outcome, sink) = run_against_hostile_vmm(dir.path(), "true", sink).await;
+    assert_eq!(sink.final_posts, FINAL_POST_ATTEMPTS);
+    assert!(
+        outcome
+            .final_post_error
+            .as_deref()
+            .is_some_and(|e| e.contains("connection refused")),
+        "{outcome:?}"
+    );
 }

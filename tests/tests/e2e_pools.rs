@@ -164,7 +164,8 @@ wait_for 60 "cancel job in its step" grep -q started $W/jobs/cancel.out || die "
 wait_for 60 "crash job in its step" grep -q running $W/jobs/crash.out || die "crash job never started"
 A_VM=$(vm_of_job "$(job_id cancel)")
 B_VM=$(vm_of_job "$(job_id crash)")
-B_PID=$(cat $W/state/vms/$B_VM/vmm.pid)
+# The host agent's own record of the VM (outside the jailed VM directory).
+B_PID=$(sed -n 's/.*"pid":\([0-9]*\).*/\1/p' $W/state/vm-records/$B_VM.json)
 orchestrator cancel "$(job_id cancel)" --reason "e2e cancel" > /dev/null
 kill -9 "$B_PID"
 say "cancelled $(job_id cancel) on $A_VM; killed VMM $B_PID of $B_VM"
