@@ -4,6 +4,9 @@
 //! flags and runs the runner agent against the vsock socket path the host
 //! agent listens on (`unix:` endpoint instead of vsock).
 
+mod common;
+use common::workspace_binary;
+
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -21,19 +24,6 @@ use protocol::message::{JobId, Secrets};
 
 const HOST: &str = "host-credential-0123456789";
 const CLIENT: &str = "client-credential-0123456789";
-
-/// `target/<profile>/<name>`, next to this test's binary.
-fn workspace_binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let path = dir.join(name);
-    assert!(
-        path.is_file(),
-        "{} is missing: run `cargo build --workspace --bins` first",
-        path.display()
-    );
-    path
-}
 
 fn fake_vmm(dir: &Path) -> PathBuf {
     let agent = workspace_binary("runner-agent");

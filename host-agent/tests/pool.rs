@@ -4,6 +4,9 @@
 //! whose guest is played by the test (see [`TestGuest`]): a guest that
 //! goes silent after `Ready`, or one that can no longer receive.
 
+mod common;
+use common::workspace_binary;
+
 use std::io::Read;
 use std::net::{Shutdown, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
@@ -31,19 +34,6 @@ const HOST: &str = "host-credential-0123456789";
 const CLIENT: &str = "client-credential-0123456789";
 /// Guest silence after which the agent replaces an idle VM, in these tests.
 const IDLE_SILENCE: Duration = Duration::from_secs(3);
-
-/// `target/<profile>/<name>`, next to this test's binary.
-fn workspace_binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let path = dir.join(name);
-    assert!(
-        path.is_file(),
-        "{} is missing: run `cargo build --workspace --bins` first",
-        path.display()
-    );
-    path
-}
 
 /// The stand-in VMM. It appends its pid and VM directory to `vmms` in the
 /// test directory; if the file `next-guest` exists, it takes it (one VM

@@ -3,24 +3,14 @@
 //! behind a script standing in for the VMM. The summary's "VMs left on
 //! this host" must count what is really left.
 
+mod common;
+use common::workspace_binary;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use host_agent::config::PoolNetwork;
 use host_agent::single_shot::{EXIT_LEFTOVERS, RunOptions, run};
-
-/// `target/<profile>/<name>`, next to this test's binary.
-fn workspace_binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let path = dir.join(name);
-    assert!(
-        path.is_file(),
-        "{} is missing: run `cargo build --workspace --bins` first",
-        path.display()
-    );
-    path
-}
 
 /// A stand-in VMM running the runner agent on the vsock socket path; with
 /// `leave`, it first starts a process in a session of its own (out of the
