@@ -94,6 +94,10 @@ pub struct NetworkConfig {
     /// The `nft` binary.
     #[serde(default = "default_nft")]
     pub nft: String,
+    /// The `conntrack` binary (Debian package `conntrack`), which deletes a
+    /// VM's connection-tracking entries when it goes (`net::conntrack`).
+    #[serde(default = "default_conntrack")]
+    pub conntrack: String,
 }
 
 impl Default for NetworkConfig {
@@ -102,6 +106,7 @@ impl Default for NetworkConfig {
             subnet: default_subnet(),
             dns: None,
             nft: default_nft(),
+            conntrack: default_conntrack(),
         }
     }
 }
@@ -112,6 +117,10 @@ fn default_subnet() -> ipnet::Ipv4Net {
 
 fn default_nft() -> String {
     "nft".into()
+}
+
+fn default_conntrack() -> String {
+    "conntrack".into()
 }
 
 /// A pool's network.
@@ -454,6 +463,12 @@ impl Config {
         }
         if net.nft.is_empty() {
             return Err(invalid("network.nft", "must name the nft binary"));
+        }
+        if net.conntrack.is_empty() {
+            return Err(invalid(
+                "network.conntrack",
+                "must name the conntrack binary",
+            ));
         }
         let pool =
             AddressPool::new(net.subnet).map_err(|e| invalid("network.subnet", e.to_string()))?;

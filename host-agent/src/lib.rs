@@ -11,7 +11,8 @@
 //! read through the agent's descriptor), [`reason`] (failure reasons that
 //! fit the protocol), [`leftovers`] (what a run left on the host),
 //! [`metrics`], [`net`] (taps, addresses and the nftables policy),
-//! [`single_shot`] (`host-agent run job.yaml`).
+//! [`single_shot`] (`host-agent run job.yaml`), [`vcpu_load`] (whether a
+//! silent guest is wedged or stopped).
 
 pub mod agent;
 pub mod cleanup;
@@ -29,5 +30,6 @@ pub mod records;
 pub mod relay;
 pub mod single_shot;
 pub mod sink;
+pub mod vcpu_load;
 pub mod vm;
 pub mod vmm_log;

@@ -72,6 +72,16 @@ pub fn parse_stat(text: &str) -> Option<ProcStat> {
     })
 }
 
+/// The CPU time (user plus system, in clock ticks) a `stat` line of a
+/// process or thread reports: fields 14 and 15, counted after the last `)`.
+pub fn parse_cpu_ticks(text: &str) -> Option<u64> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime.saturating_add(stime))
+}
+
 impl ProcessIdentity {
     /// The identity of the running process `pid`.
     pub fn of(pid: i32) -> Option<ProcessIdentity> {
@@ -140,7 +150,9 @@ mod tests {
                 start_time: 987654
             }
         );
+        assert_eq!(parse_cpu_ticks(line), Some(3), "utime 1 + stime 2");
         assert!(parse_stat("garbage").is_none());
+        assert!(parse_cpu_ticks("1 (x) S 1").is_none());
         assert!(parse_stat("1 (x) S 1").is_none());
     }
 

@@ -22,6 +22,7 @@ use protocol::session::HEARTBEAT_TIMEOUT;
 
 use crate::log_rate::LogRateLimit;
 use crate::reason::bounded_reason;
+use crate::vcpu_load;
 use crate::vm::{GuestChannel, RunningVm};
 
 /// Events per batch posted to the sink.
@@ -42,6 +43,9 @@ pub const EXIT_SETTLE: Duration = Duration::from_secs(1);
 pub const FINAL_POST_ATTEMPTS: u32 = 3;
 /// Pause between two attempts at the final post.
 pub const FINAL_POST_BACKOFF: Duration = Duration::from_millis(500);
+/// How long a silent guest's vCPU threads are watched to tell a wedged
+/// guest from a waiting one (see [`vcpu_load`]).
+pub const SILENCE_SAMPLE: Duration = Duration::from_secs(2);
 
 /// Where a job's events go.
 pub trait EventSink: Send {
@@ -194,6 +198,24 @@ impl Relay {
         }
     }
 
+    /// Why the guest fell silent, as far as its vCPU threads tell (see
+    /// [`vcpu_load`]): wedged (busy) or waiting (idle).
+    async fn silence_reason(&self, vm: &RunningVm) -> String {
+        let during = self.during();
+        let load = match vm.process() {
+            Some(process) => vcpu_load::sample(process, SILENCE_SAMPLE).await,
+            None => None,
+        };
+        match load {
+            Some(load) => {
+                let reason = load.silence_reason(HEARTBEAT_TIMEOUT, &during);
+                tracing::warn!(vm = %vm.spec.name, busiest_vcpu_percent = load.busiest_percent, "{reason}");
+                reason
+            }
+            None => format!("guest silent for {HEARTBEAT_TIMEOUT:?}{during}"),
+        }
+    }
+
     fn during(&self) -> String {
         match self.step {
             Some(s) => format!(" during step {}", s + 1),
@@ -255,7 +277,7 @@ impl Relay {
                         return error(e);
                     }
                     if last_heard.elapsed() > HEARTBEAT_TIMEOUT {
-                        return error(format!("guest silent for {HEARTBEAT_TIMEOUT:?}{}", self.during()));
+                        return error(self.silence_reason(vm).await);
                     }
                 }
                 _ = tokio::time::sleep_until(deadline) => {

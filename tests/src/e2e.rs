@@ -129,7 +129,8 @@ wait_for() {
 /// * `start_agent`: `host-agent serve` with `$W/agent.toml`, log appended
 ///   to `$W/agent.log`, pid in `AGENT`;
 /// * `agent_log`: that log without colour codes; `dump`: the tails of both
-///   logs;
+///   logs; on exit, the log's `guest hang:` lines are printed (an `EXIT`
+///   trap: a script that sets its own must call `report_hangs`);
 /// * `agent_metrics`: the host agent's metrics; `orch_metric NAME`: the
 ///   value of one of the orchestrator's; `idle POOL [COUNT]`: POOL has
 ///   COUNT (1 if not given) idle VMs;
@@ -149,6 +150,13 @@ HC=host-credential-0123456789abcdef
 CC=client-credential-0123456789abcdef
 export KINDLING_SERVER=http://127.0.0.1:8080 KINDLING_CLIENT_CREDENTIAL=$CC
 agent_log() { tr -d '\033' < $W/agent.log | sed 's/\[[0-9;]*m//g'; }
+# When the script ends, however it ends: the host agent's reports of wedged
+# guests, for the harness to see (`run::l2_hangs`), which reruns such a run.
+report_hangs() {
+    [ -f $W/agent.log ] && agent_log | grep 'guest hang:' | sed 's/^/@@ host-agent: /'
+    return 0
+}
+trap report_hangs EXIT
 dump() {
     echo "--- host-agent log (tail) ---"; agent_log | tail -40
     echo "--- orchestrator log (tail) ---"; tail -20 $W/orch.log

@@ -57,6 +57,9 @@ pub struct NestedRun {
     /// How many times an L2 guest triple-faulted in this L1, as its kernel
     /// reported on the console ([`crate::run::l2_triple_faults`]).
     pub l2_triple_faults: u32,
+    /// How many lines of the scenario's whole output (`output.log`) report
+    /// an L2 guest hang ([`crate::run::l2_hangs`]).
+    pub l2_hangs: u32,
 }
 
 /// Boots the L1, runs the scenario, and collects the result.
@@ -147,6 +150,10 @@ pub fn run(sc: &Scenario, workdir: &Path, nonce: &str) -> Result<NestedRun, Harn
         Status::Died(why)
     };
     let l2_triple_faults = crate::run::l2_triple_faults(&console_text);
+    let l2_hangs = match std::fs::read_to_string(workdir.join("output.log")) {
+        Ok(all) => crate::run::l2_hangs(&all),
+        Err(_) => crate::run::l2_hangs(&seen.output),
+    };
     let mut output = seen.output;
     if seen.truncated {
         output.push_str("[harness: output truncated; see output.log]\n");
@@ -167,6 +174,7 @@ pub fn run(sc: &Scenario, workdir: &Path, nonce: &str) -> Result<NestedRun, Harn
             total: Duration::ZERO,
         },
         l2_triple_faults,
+        l2_hangs,
     })
 }
 

@@ -96,21 +96,23 @@ pub fn run(sc: &Scenario) -> Result<Outcome, HarnessError> {
         );
     }
     let started = Instant::now();
-    let (status, output, mut timings, l2_triple_faults) = match mode {
+    let (status, output, mut timings, l2_triple_faults, l2_hangs) = match mode {
         ExecMode::Nested => {
             let mut r = nested::run(sc, &workdir, &nonce)?;
             // Some ends are faults of the emulator, not of the scenario (see
             // `emulator_fault`): the L1 resets, panics or freezes by itself,
-            // or an L2 guest triple-faults. Each time the scenario runs
-            // again in a fresh L1, saying so, up to `L1_FAULT_RERUNS` times
-            // for the L1's faults and `sc.l2_triple_fault_reruns` for the
-            // L2's (a reset and then a freeze hit one CI run back to back; a
+            // or an L2 guest triple-faults or hangs. Each time the scenario
+            // runs again in a fresh L1, saying so, up to `L1_FAULT_RERUNS`
+            // times for the L1's faults and `sc.l2_triple_fault_reruns` and
+            // `sc.l2_hang_reruns` for the L2's (a reset and then a freeze hit one CI run back to back; a
             // triple fault and then an L1 panic another); one more such end
             // is the failure.
             let mut reruns = Reruns::default();
             for attempt in 1.. {
                 let console = workdir.join("console.log");
-                let Some(why) = reruns.next(sc, &r.status, r.l2_triple_faults, &console) else {
+                let Some(why) =
+                    reruns.next(sc, &r.status, r.l2_triple_faults, r.l2_hangs, &console)
+                else {
                     break;
                 };
                 let kept = keep_attempt_logs(&workdir, attempt);
@@ -130,12 +132,19 @@ pub fn run(sc: &Scenario) -> Result<Outcome, HarnessError> {
                     sc.name, r.l2_triple_faults, sc.l2_triple_fault_reruns, reruns.l2
                 );
             }
-            let status = final_status(sc, r.status, r.l2_triple_faults);
-            (status, r.output, r.timings, r.l2_triple_faults)
+            if r.l2_hangs > 0 && !sc.l2_hangs_expected {
+                eprintln!(
+                    "harness: WARNING: '{}': an L2 guest hung ({} report line(s) in the output) and \
+                     the scenario's {} rerun(s) for L2 hangs are spent ({} used): the run fails",
+                    sc.name, r.l2_hangs, sc.l2_hang_reruns, reruns.hang
+                );
+            }
+            let status = final_status(sc, r.status, r.l2_triple_faults, r.l2_hangs);
+            (status, r.output, r.timings, r.l2_triple_faults, r.l2_hangs)
         }
         ExecMode::Direct => {
             let (status, output, timings) = direct::run(sc, &workdir, &nonce)?;
-            (status, output, timings, 0)
+            (status, output, timings, 0, 0)
         }
     };
     timings.total = started.elapsed();
@@ -151,6 +160,7 @@ pub fn run(sc: &Scenario) -> Result<Outcome, HarnessError> {
         timings,
         workdir,
         l2_triple_faults,
+        l2_hangs,
     })
 }
 
@@ -161,22 +171,26 @@ struct Reruns {
     l1: u32,
     /// For L2 triple faults.
     l2: u32,
+    /// For L2 hangs.
+    hang: u32,
 }
 
 impl Reruns {
     /// Why the attempt that ended with `status`, after the L1 kernel saw
-    /// `l2_faults` L2 triple faults, runs again in a fresh L1, if it does
-    /// (and counts that rerun); `console` is the attempt's L1 console.
+    /// `l2_faults` L2 triple faults and its output reported `hangs` L2
+    /// hangs, runs again in a fresh L1, if it does (and counts that rerun);
+    /// `console` is the attempt's L1 console.
     ///
-    /// An L2 triple fault reruns the scenario however it ended, an exit 0
-    /// included: a scenario may pass while the facts its test checks were
-    /// spoiled by the fault (the noisy-neighbour test once printed a
+    /// An L2 triple fault or hang reruns the scenario however it ended, an
+    /// exit 0 included: a scenario may pass while the facts its test checks
+    /// were spoiled by the fault (the noisy-neighbour test once printed a
     /// neighbour that had stopped running, and exited 0).
     fn next(
         &mut self,
         sc: &Scenario,
         status: &Status,
         l2_faults: u32,
+        hangs: u32,
         console: &Path,
     ) -> Option<String> {
         match emulator_fault(status, console) {
@@ -199,21 +213,32 @@ impl Reruns {
                     self.l2, sc.l2_triple_fault_reruns
                 ))
             }
+            None if hangs > 0 && !sc.l2_hangs_expected && self.hang < sc.l2_hang_reruns => {
+                self.hang += 1;
+                Some(format!(
+                    "an L2 guest hung (the host agent failed a job with \"{L2_HANG_REPORT}\": a vCPU \
+                     ran flat out while the guest sent nothing; QEMU TCG's emulated SVM wedges an \
+                     L2 now and then, our VMM's and Firecracker's alike); rerun {} of {} for L2 hangs",
+                    self.hang, sc.l2_hang_reruns
+                ))
+            }
             _ => None,
         }
     }
 }
 
 /// The status of the final attempt, which ended with `status` after the
-/// L1 kernel saw `l2_faults` L2 triple faults. Unless the scenario expects
-/// them, a triple fault there (every rerun for one was spent) is a
-/// failure: a failed scenario keeps its own status (its exit code says
-/// more), one that exited 0 becomes [`Status::L2TripleFault`].
-fn final_status(sc: &Scenario, status: Status, l2_faults: u32) -> Status {
+/// L1 kernel saw `l2_faults` L2 triple faults and its output reported
+/// `hangs` L2 hangs. Unless the scenario expects them, a triple fault or
+/// hang there (every rerun for one was spent) is a failure: a failed
+/// scenario keeps its own status (its exit code says more), one that
+/// exited 0 becomes [`Status::L2TripleFault`] or [`Status::L2Hang`].
+fn final_status(sc: &Scenario, status: Status, l2_faults: u32, hangs: u32) -> Status {
     match status {
         Status::Exited(0) if l2_faults > 0 && !sc.l2_triple_faults_expected => {
             Status::L2TripleFault(l2_faults)
         }
+        Status::Exited(0) if hangs > 0 && !sc.l2_hangs_expected => Status::L2Hang(hangs),
         other => other,
     }
 }
@@ -312,6 +337,23 @@ pub fn l2_triple_faults(console: &str) -> u32 {
     let count = console
         .lines()
         .filter(|l| L2_SHUTDOWN_EVENT.iter().all(|w| l.contains(w)))
+        .count();
+    u32::try_from(count).unwrap_or(u32::MAX)
+}
+
+/// How the host agent's failure reason for a wedged guest starts (its
+/// `vcpu_load::GUEST_HANG`; the harness does not link the host agent).
+pub const L2_HANG_REPORT: &str = "guest hang:";
+
+/// How many lines of a scenario's `output` report an L2 guest hang
+/// ([`L2_HANG_REPORT`]): the host agent's warning, or a job's failure
+/// reason the scenario printed. Only scenarios that show the host agent's
+/// warnings or their jobs' reasons can be seen to hang: `FLEET_HELPERS`
+/// prints the agent's hang warnings when the scenario ends.
+pub fn l2_hangs(output: &str) -> u32 {
+    let count = output
+        .lines()
+        .filter(|l| l.contains(L2_HANG_REPORT))
         .count();
     u32::try_from(count).unwrap_or(u32::MAX)
 }
@@ -501,35 +543,89 @@ mod tests {
         );
         for status in [Status::Exited(0), Status::Exited(1), Status::TimedOut] {
             let mut reruns = Reruns::default();
-            assert_eq!(reruns.next(&sc, &status, 0, &console), None);
-            let why = reruns.next(&sc, &status, 1, &console).unwrap();
+            assert_eq!(reruns.next(&sc, &status, 0, 0, &console), None);
+            let why = reruns.next(&sc, &status, 1, 0, &console).unwrap();
             assert!(why.contains("rerun 1 of 1 for L2 triple faults"), "{why}");
-            assert_eq!(reruns.next(&sc, &status, 1, &console), None, "bounded");
+            assert_eq!(reruns.next(&sc, &status, 1, 0, &console), None, "bounded");
         }
         // Once the reruns are spent, a triple fault fails the run.
         assert_eq!(
-            final_status(&sc, Status::Exited(0), 1),
+            final_status(&sc, Status::Exited(0), 1, 0),
             Status::L2TripleFault(1)
         );
-        assert_eq!(final_status(&sc, Status::Exited(3), 1), Status::Exited(3));
-        assert_eq!(final_status(&sc, Status::Exited(0), 0), Status::Exited(0));
+        assert_eq!(
+            final_status(&sc, Status::Exited(3), 1, 0),
+            Status::Exited(3)
+        );
+        assert_eq!(
+            final_status(&sc, Status::Exited(0), 0, 0),
+            Status::Exited(0)
+        );
         // ...unless the scenario makes or counts them itself.
         let mut counting = Scenario::new("x", "true");
         counting.l2_triple_faults_expected = true;
         assert_eq!(
-            Reruns::default().next(&counting, &Status::Exited(0), 3, &console),
+            Reruns::default().next(&counting, &Status::Exited(0), 3, 0, &console),
             None
         );
         assert_eq!(
-            final_status(&counting, Status::Exited(0), 3),
+            final_status(&counting, Status::Exited(0), 3, 0),
             Status::Exited(0)
         );
         // A scenario that asks for none gets none.
         let mut none = Scenario::new("x", "true");
         none.l2_triple_fault_reruns = 0;
         assert_eq!(
-            Reruns::default().next(&none, &Status::Exited(1), 1, &console),
+            Reruns::default().next(&none, &Status::Exited(1), 1, 0, &console),
             None
+        );
+    }
+
+    #[test]
+    fn an_l2_hang_reported_in_the_output_reruns_once_then_fails_the_run() {
+        // The host agent's warning and the job's reason as a fleet scenario
+        // prints them (`FLEET_HELPERS`' hang report, `orchestrator follow`).
+        let output = "[30.1 s] job3 submitted\n\
+             @@ host-agent: 2026-12-03T13:00:00Z WARN host_agent::relay: guest hang: silent for 30s \
+             during step 1 while a vCPU ran 99% of the last 2s vm=a-3\n\
+             [kindling] job 0193 failed: guest hang: silent for 30s during step 1 ...\n";
+        assert_eq!(l2_hangs(output), 2);
+        assert_eq!(
+            l2_hangs("guest silent for 30s with its vCPUs idle\n"),
+            0,
+            "idle is no hang"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let console = dir.path().join("console.log");
+        let sc = Scenario::new("x", "true");
+        assert_eq!(sc.l2_hang_reruns, 1, "every scenario gets one rerun");
+        for status in [Status::Exited(0), Status::Exited(1)] {
+            let mut reruns = Reruns::default();
+            assert_eq!(reruns.next(&sc, &status, 0, 0, &console), None);
+            let why = reruns.next(&sc, &status, 0, 2, &console).unwrap();
+            assert!(why.contains("rerun 1 of 1 for L2 hangs"), "{why}");
+            assert_eq!(reruns.next(&sc, &status, 0, 2, &console), None, "bounded");
+        }
+        // A hang in the last attempt fails a run that exited 0; a failed
+        // run keeps its own status.
+        assert_eq!(
+            final_status(&sc, Status::Exited(0), 0, 2),
+            Status::L2Hang(2)
+        );
+        assert_eq!(
+            final_status(&sc, Status::Exited(1), 0, 2),
+            Status::Exited(1)
+        );
+        // A scenario that makes hangs itself gets neither.
+        let mut making = Scenario::new("x", "true");
+        making.l2_hangs_expected = true;
+        assert_eq!(
+            Reruns::default().next(&making, &Status::Exited(0), 0, 1, &console),
+            None
+        );
+        assert_eq!(
+            final_status(&making, Status::Exited(0), 0, 1),
+            Status::Exited(0)
         );
     }
 
@@ -562,16 +658,16 @@ mod tests {
         let mut reruns = Reruns::default();
         assert!(
             reruns
-                .next(&sc, &Status::Exited(0), faults, &console_path)
+                .next(&sc, &Status::Exited(0), faults, 0, &console_path)
                 .is_some()
         );
         // The same fault in the rerun fails the test's run.
         assert_eq!(
-            reruns.next(&sc, &Status::Exited(0), faults, &console_path),
+            reruns.next(&sc, &Status::Exited(0), faults, 0, &console_path),
             None
         );
         assert_eq!(
-            final_status(&sc, Status::Exited(0), faults),
+            final_status(&sc, Status::Exited(0), faults, 0),
             Status::L2TripleFault(1)
         );
     }

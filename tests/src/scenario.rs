@@ -99,6 +99,21 @@ pub struct Scenario {
     /// its results, never rerun nor turned into a failure, only counted in
     /// [`Outcome::l2_triple_faults`]. Default false.
     pub l2_triple_faults_expected: bool,
+    /// How many times a run in which an L2 guest hung is repeated in a
+    /// fresh L1 (nested mode only; 0: never), however it ended. A hung
+    /// guest is one the host agent failed with a reason that starts
+    /// `guest hang:` (its vCPU ran flat out while it sent nothing for
+    /// 30 s; see `host-agent`'s `vcpu_load`), found in the scenario's
+    /// output (`run::l2_hangs`). QEMU TCG's emulated SVM wedges an L2 now
+    /// and then, under our VMM and Firecracker alike (README, "Soak"). If
+    /// the last allowed attempt has one too, the run fails
+    /// ([`Status::L2Hang`] if the script exited 0), so a VMM that wedges its
+    /// guest every time fails. Default 1.
+    pub l2_hang_reruns: u32,
+    /// The scenario makes L2 hangs itself (a test of the host agent's hang
+    /// report): they are its results, never rerun nor turned into a
+    /// failure. Default false.
+    pub l2_hangs_expected: bool,
 }
 
 impl Scenario {
@@ -121,6 +136,8 @@ impl Scenario {
             freeze_limit: crate::heartbeat::FREEZE_LIMIT,
             l2_triple_fault_reruns: 1,
             l2_triple_faults_expected: false,
+            l2_hang_reruns: 1,
+            l2_hangs_expected: false,
         }
     }
 }
@@ -147,6 +164,11 @@ pub enum Status {
     /// (`Scenario::l2_triple_fault_reruns`): the emulator's fault may have
     /// spoiled what the script measured, so this is a failure.
     L2TripleFault(u32),
+    /// The script exited 0, but the scenario's output reported an L2 guest
+    /// hang (this many lines) in the last attempt the scenario's reruns
+    /// allowed (`Scenario::l2_hang_reruns`): a failure, as for
+    /// [`Status::L2TripleFault`].
+    L2Hang(u32),
 }
 
 /// Phase timings, as measured by the harness.
@@ -184,6 +206,9 @@ pub struct Outcome {
     /// How many times an L2 guest triple-faulted in the final attempt's L1
     /// (nested mode; 0 in direct mode).
     pub l2_triple_faults: u32,
+    /// How many `guest hang:` lines the final attempt's output held
+    /// (nested mode; 0 in direct mode).
+    pub l2_hangs: u32,
 }
 
 impl Outcome {
@@ -222,6 +247,9 @@ impl Outcome {
         if self.l2_triple_faults > 0 {
             let _ = writeln!(s, "L2 triple faults: {}", self.l2_triple_faults);
         }
+        if self.l2_hangs > 0 {
+            let _ = writeln!(s, "L2 hang reports: {}", self.l2_hangs);
+        }
         let _ = writeln!(s, "logs: {}", self.workdir.display());
         if !self.success() && !self.console_tail.is_empty() {
             let _ = writeln!(s, "--- L1 console (last lines) ---\n{}", self.console_tail);
@@ -245,6 +273,10 @@ pub(crate) fn describe(status: &Status) -> String {
         Status::L2TripleFault(n) => format!(
             "FAILED: the script exited 0, but an L2 guest triple-faulted ({n} in the L1) in \
              every attempt (QEMU TCG's emulated SVM, or the VMM)"
+        ),
+        Status::L2Hang(n) => format!(
+            "FAILED: the script exited 0, but an L2 guest hung ({n} report line(s)) in every \
+             attempt (QEMU TCG's emulated SVM, or the VMM)"
         ),
     }
 }
@@ -277,6 +309,7 @@ mod tests {
             timings: Timings::default(),
             workdir: PathBuf::new(),
             l2_triple_faults: 0,
+            l2_hangs: 0,
         };
         assert!(o.success());
         assert_eq!(o.exit_code(), 0);
@@ -293,5 +326,9 @@ mod tests {
         assert!(!o.success());
         assert_eq!(o.exit_code(), 125);
         assert!(o.report().contains("L2 triple faults: 2"), "{}", o.report());
+        o.status = Status::L2Hang(1);
+        o.l2_hangs = 1;
+        assert_eq!(o.exit_code(), 125);
+        assert!(o.report().contains("L2 hang reports: 1"), "{}", o.report());
     }
 }

@@ -113,3 +113,78 @@ fn debian_image_has_git_curl_cc_and_a_working_dockerd() {
         "steps out of order:\n{o}"
     );
 }
+
+/// A job that wedges its guest: with RT throttling off, a SCHED_FIFO spin
+/// on the VM's one vCPU starves everything else in the guest, the runner
+/// agent's heartbeat included, while the vCPU runs flat out. From the host
+/// this is the shape of the L2 hangs QEMU TCG's emulated SVM causes now and
+/// then (README, "Soak").
+const WEDGE_JOB: &str = r#"name: wedge
+runs-on: [linux]
+timeout-minutes: 4
+steps:
+  - name: wedge the guest
+    run: |
+      echo -1 > /proc/sys/kernel/sched_rt_runtime_us
+      echo "wedging the guest"
+      sleep 1
+      exec chrt -f 99 sh -c 'while :; do :; done'
+"#;
+
+#[test]
+fn a_wedged_guest_fails_its_job_as_a_guest_hang_with_its_vcpu_load() {
+    let dir = std::env::temp_dir().join(format!("kindling-e2e-wedge-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let job_path = dir.join("job.yaml");
+    std::fs::write(&job_path, WEDGE_JOB).unwrap();
+    let script = "host-agent run $ASSETS/job.yaml --vmm $(command -v vmm) \
+                  --kernel $ASSETS/vmlinux --image $ASSETS/debian.erofs \
+                  --vcpus 1 --memory-mib 512 --boot-timeout 180 \
+                  --state-dir /tmp/agent-state\n\
+                  echo \"host-agent run exit $?\"\n\
+                  echo \"left: $(ls /tmp/agent-state/vms | wc -l) vm dirs, $(pidof vmm | wc -w) vmm processes\"\n";
+    let mut sc = Scenario::new("debian-wedge", script);
+    sc.timeout = Duration::from_secs(480);
+    sc.l1_memory_mib = 1536;
+    // The hang is this test's result, not the emulator's fault.
+    sc.l2_hangs_expected = true;
+    sc.bins = vec![
+        workspace_binary("vmm").unwrap(),
+        workspace_binary("host-agent").unwrap(),
+        workspace_binary("kindling-jailer").unwrap(),
+    ];
+    sc.assets = vec![
+        Asset {
+            host_path: guest_kernel().unwrap(),
+            name: "vmlinux".into(),
+        },
+        Asset {
+            host_path: debian_image().unwrap(),
+            name: "debian.erofs".into(),
+        },
+        Asset {
+            host_path: job_path,
+            name: "job.yaml".into(),
+        },
+    ];
+    let out = harness::run(&sc).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(
+        out.status,
+        Status::Exited(0),
+        "{}\n{}",
+        out.report(),
+        out.output
+    );
+    let o = &out.output;
+    // Exit 2: an infrastructure error, not the job's own failure.
+    for needle in [
+        "guest hang: silent for 30s during step 1 while a vCPU ran",
+        "the guest kernel is wedged",
+        "host-agent run exit 2",
+        "left: 0 vm dirs, 0 vmm processes",
+    ] {
+        assert!(o.contains(needle), "{needle:?} missing in:\n{o}");
+    }
+    assert!(out.l2_hangs > 0, "the harness counts the report: {out:?}");
+}

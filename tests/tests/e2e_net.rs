@@ -18,12 +18,13 @@ use harness::e2e::{self, FLEET_HELPERS, Facts, SHELL_HELPERS, field};
 use harness::{Scenario, Status};
 
 /// L1 modules for taps, veths, nftables, conntrack (and its per-VM
-/// connection count) and NAT.
+/// connection count; ctnetlink, for the `conntrack` tool) and NAT.
 const MODULES: &[&str] = &[
     "tun",
     "veth",
     "nf_tables",
     "nf_conntrack",
+    "nf_conntrack_netlink",
     "nf_nat",
     "nft_ct",
     "nf_conncount",
@@ -181,7 +182,10 @@ state stopped
 "#;
 
 /// A NAT pool whose VMs may have 16 connections open: a job opens 30 to a
-/// server on the "internet", which sees 16 of them established.
+/// server on the "internet", which sees 16 of them established. The job
+/// ends with them open, so its VM is destroyed with 16 established
+/// connections that no FIN ever closes: their host conntrack entries must
+/// go with it, and the next VM (maybe on the same tap) opens its own 16.
 const CONNTRACK: &str = r#"
 W=/tmp/net3; mkdir -p $W/jobs $W/www && cd $W || exit 1
 ip netns add inet || die "ip netns add"
@@ -194,6 +198,8 @@ echo hi > $W/www/index.html
 ip netns exec inet busybox httpd -p 203.0.113.10:80 -h $W/www || die httpd
 # Connections to the server in state ESTABLISHED, as the server sees them.
 established() { ip netns exec inet cat /proc/net/tcp | awk '$2 ~ /:0050$/ && $4 == "01"' | wc -l; }
+# The host's conntrack entries of connections to the server, in any state.
+tracked() { conntrack -L -f ipv4 -p tcp -d 203.0.113.10 --dport 80 2>/dev/null | wc -l; }
 warm() { idle n 1; }
 start_fleet 180 warm <<EOF
 [network]
@@ -222,9 +228,19 @@ submit c
 wait_for 90 "job c opened its connections" grep -q "opened 30" $W/jobs/c.out || die "job c never opened"
 sleep 8
 fact conns established=$(established)
+fact tracked when=running entries=$(tracked)
 wait_for 120 "job c ended" ended c || die "job c never ended"
 cat $W/jobs/c.out $W/jobs/c.err
 fact c rc=$(cat $W/jobs/c.rc)
+wait_for 180 "the pool replaced" warm || die "the pool was not replaced"
+fact tracked when=after-teardown entries=$(tracked)
+cp $W/jobs/c.yaml $W/jobs/c2.yaml
+submit c2
+wait_for 90 "job c2 opened its connections" grep -q "opened 30" $W/jobs/c2.out || die "job c2 never opened"
+sleep 8
+fact tracked when=next-vm entries=$(tracked)
+wait_for 120 "job c2 ended" ended c2 || die "job c2 never ended"
+fact c2 rc=$(cat $W/jobs/c2.rc)
 "#;
 
 fn scenario(name: &str, script: &str, jobs: &[(&str, &str)]) -> Scenario {
@@ -236,6 +252,7 @@ fn scenario(name: &str, script: &str, jobs: &[(&str, &str)]) -> Scenario {
         "orchestrator",
         "/usr/sbin/nft",
         "/usr/sbin/ip",
+        "/usr/sbin/conntrack",
     ];
     let mut sc = e2e::scenario(name, script, Duration::from_secs(600), &bins, jobs).unwrap();
     sc.modules = MODULES.iter().map(|m| m.to_string()).collect();
@@ -414,4 +431,14 @@ fn a_vm_cannot_keep_more_connections_than_its_pools_conntrack_limit() {
     let f = Facts::parse(o);
     assert_eq!(f.lines("conns"), ["established=16"], "{o}");
     assert_eq!(f.lines("c"), ["rc=0"], "{o}");
+    assert_eq!(
+        f.lines("tracked"),
+        [
+            "when=running entries=16",
+            "when=after-teardown entries=0",
+            "when=next-vm entries=16",
+        ],
+        "a destroyed VM's conntrack entries go with it: {o}"
+    );
+    assert_eq!(f.lines("c2"), ["rc=0"], "{o}");
 }

@@ -7,11 +7,13 @@
 //! `kdl<N>` tap, the whole `inet kindling` table), enables IPv4 forwarding
 //! and installs the table for the configured pools; [`Network::attach`]
 //! gives one VM its tap, address and policy elements, and
-//! [`Network::detach`] removes them again; [`Network::shutdown`] deletes
+//! [`Network::detach`] removes them again, with the VM's connection-tracking
+//! entries ([`conntrack`]); [`Network::shutdown`] deletes
 //! the table. Each step that fails rolls back what it did, so a failed
 //! attach leaves nothing behind.
 
 pub mod addressing;
+pub mod conntrack;
 pub mod link;
 pub mod policy;
 pub mod tap;
@@ -42,6 +44,9 @@ pub enum NetError {
     /// nftables refused or could not be run.
     #[error(transparent)]
     Policy(#[from] PolicyError),
+    /// The `conntrack` tool cannot be run.
+    #[error(transparent)]
+    Conntrack(#[from] conntrack::ConntrackError),
     /// No resolver for the guests' DNS path could be found.
     #[error("no usable DNS resolver: {0}; set `network.dns` in the agent config")]
     NoResolver(String),
@@ -101,6 +106,7 @@ impl VmNetwork {
 /// Host networking for all VMs of this agent.
 pub struct Network {
     nft: String,
+    conntrack: String,
     policy: Policy,
     /// Pool name -> chain index, for pools with a network device.
     pools: Vec<String>,
@@ -138,6 +144,7 @@ impl Network {
             pools: pool_policies,
         };
         let addresses = Mutex::new(AddressPool::new(net.subnet)?);
+        conntrack::check(&net.conntrack)?;
         remove_leftovers(&net.nft, true).await?;
         std::fs::write(IP_FORWARD, "1").map_err(|source| NetError::Sysctl {
             path: IP_FORWARD.into(),
@@ -152,6 +159,7 @@ impl Network {
         tracing::info!(subnet = %net.subnet, dns = %dns_upstream, "network policy installed");
         Ok(Network {
             nft: net.nft.clone(),
+            conntrack: net.conntrack.clone(),
             policy,
             pools,
             addresses,
@@ -212,6 +220,14 @@ impl Network {
             .render_remove_vm(&tap, network.link.guest, network.pool_index);
         // Fails harmlessly when the elements were never added.
         let _ = policy::apply(&self.nft, &remove, "remove a VM", false);
+        // With its source gone from `vm_sources`, the VM sends nothing more:
+        // what it started is all there is to delete.
+        match conntrack::flush_source(&self.conntrack, network.link.guest) {
+            Ok(n) => tracing::debug!(%tap, entries = n, "connection tracking entries deleted"),
+            Err(e) => {
+                tracing::warn!(%tap, "the VM's connection tracking entries stay until they time out: {e}")
+            }
+        }
         match Links::connect() {
             Ok(links) => {
                 if let Err(e) = links.delete(&tap).await {

@@ -16,9 +16,10 @@
 //!   the host included) is counted per tap in the dynamic set `vm_conns`
 //!   (`ct count`), in a prerouting filter chain before any accept; one
 //!   over the pool's `conntrack_limit` is dropped, so a VM cannot fill the
-//!   host's conntrack table. The set's element of a tap outlives its VM
-//!   (the count drops as the connections it tracks end), so the table holds
-//!   at most `conntrack_limit` entries per tap, whichever VM made them.
+//!   host's conntrack table. The set's element of a tap outlives its VM;
+//!   its count drops as the entries it tracks go, and the agent deletes a
+//!   VM's entries when the VM goes ([`super::conntrack`]), so the next VM
+//!   on that tap starts from zero.
 //! - IPv6: dropped (the guest has no IPv6 configuration).
 //! - to the host itself (input hook): dropped, whatever the port (agent,
 //!   orchestrator, SSH, ...), except DNS that the prerouting DNAT turned
