@@ -263,11 +263,15 @@ mod tests {
             .spawn()
             .unwrap();
         let spawned = ProcessIdentity::of(vmm.id() as i32).unwrap();
-        // One that left its process group, found by its command line.
+        // One that left its process group, found by its command line: a
+        // shell blocked in its `read` builtin, which forks nothing (a
+        // forked child would carry the marker too until it execs, and be
+        // counted: that raced once in CI).
         let marker = state.path().join("vms/run-0-abc/vsock.sock");
         let mut escaped = std::process::Command::new("sh")
-            .args(["-c", "sleep 600", "leftover"])
+            .args(["-c", "read -r line", "leftover"])
             .arg(&marker)
+            .stdin(std::process::Stdio::piped())
             .process_group(0)
             .spawn()
             .unwrap();
