@@ -14,7 +14,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 # busybox-static: the L1's userland.
 # e2fsprogs: mkfs.ext4 for guest images.
 packages=(linux-image-cloud-amd64 busybox-static e2fsprogs
-    nftables iproute2 conntrack) # nftables, iproute2, conntrack: guest networking and its nested tests
+    nftables iproute2 conntrack # guest networking and its nested tests
+    ca-certificates) # the system roots an https:// orchestrator URL is checked against
 
 # apt_install [APT-GET INSTALL OPTIONS...] PACKAGE...: refreshes the package
 # lists and installs, without recommends; dies with what failed.

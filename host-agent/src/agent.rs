@@ -81,7 +81,8 @@ impl Agent {
         if let Some(addr) = &config.metrics_listen {
             serve_metrics(addr, Arc::clone(&metrics)).await?;
         }
-        let client = ApiClient::new(&config.orchestrator.url)?;
+        let client =
+            ApiClient::with_transport(&config.orchestrator.url, &config.orchestrator.transport())?;
         deregister_leftovers(&client, &config, &cleaned.vm_ids).await;
         let (drain, draining) = watch::channel(false);
         let shared = Arc::new(Shared::new(
@@ -160,7 +161,8 @@ pub async fn clean_up(config: &Config) -> Result<String, AgentError> {
     };
     let cleaned = remove_leftovers(&config.state_dir, jail_of(config)).map_err(state_err)?;
     let net = crate::net::remove_leftovers(&config.network.nft, false).await?;
-    let client = ApiClient::new(&config.orchestrator.url)?;
+    let client =
+        ApiClient::with_transport(&config.orchestrator.url, &config.orchestrator.transport())?;
     deregister_leftovers(&client, config, &cleaned.vm_ids).await;
     Ok(format!(
         "removed {} VMM process(es), {} VM director(ies), {} tap(s) [{}]",

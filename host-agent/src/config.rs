@@ -141,10 +141,29 @@ pub enum PoolNetwork {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OrchestratorConfig {
-    /// Base URL, e.g. `http://127.0.0.1:8080`.
+    /// Base URL, e.g. `https://orchestrator.internal:8443`; `http://` only
+    /// on loopback unless `allow_insecure_http`.
     pub url: String,
     /// The host credential (bearer token for registering VMs).
     pub host_credential: String,
+    /// Trust only this CA certificate (PEM) for an `https://` URL; the
+    /// system's roots if absent.
+    #[serde(default)]
+    pub ca_cert: Option<PathBuf>,
+    /// Allow `http://` to a non-loopback orchestrator (credentials, tokens
+    /// and secrets then cross the network in clear).
+    #[serde(default)]
+    pub allow_insecure_http: bool,
+}
+
+impl OrchestratorConfig {
+    /// How the agent's client reaches the orchestrator.
+    pub fn transport(&self) -> orchestrator::client::Transport {
+        orchestrator::client::Transport {
+            ca_cert: self.ca_cert.clone(),
+            allow_insecure_http: self.allow_insecure_http,
+        }
+    }
 }
 
 /// Host capacity the agent may use.
@@ -290,6 +309,18 @@ impl Config {
                 "orchestrator.url",
                 format!("{url:?} is not an http(s) URL"),
             ));
+        }
+        // The client applies the transport rules (plain HTTP on loopback
+        // only, a readable CA): build one now so that a bad setting is a
+        // config error, not a failure at the first request.
+        if let Err(e) =
+            orchestrator::client::ApiClient::with_transport(url, &self.orchestrator.transport())
+        {
+            let field = match e {
+                orchestrator::client::ClientError::Tls(_) => "orchestrator.ca_cert",
+                _ => "orchestrator.url",
+            };
+            return Err(invalid(field, e.to_string()));
         }
         if self.orchestrator.host_credential.len() < 16 {
             return Err(invalid(
@@ -579,6 +610,17 @@ image = "{d}/image.erofs"
                 "pool[0].labels",
             ),
             ("http://127.0.0.1:8080", "ftp://x", "orchestrator.url"),
+            // Plain HTTP off loopback: secrets would cross the network.
+            (
+                "http://127.0.0.1:8080",
+                "http://192.0.2.10:8080",
+                "orchestrator.url",
+            ),
+            (
+                "url = \"http://127.0.0.1:8080\"",
+                "url = \"https://127.0.0.1:8443\"\nca_cert = \"/nonexistent/ca.pem\"",
+                "orchestrator.ca_cert",
+            ),
             ("image.erofs\"", "missing.erofs\"", "pool[0].image"),
             ("host_id = \"host-1\"", "host_id = \"\"", "host_id"),
             (

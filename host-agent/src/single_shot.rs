@@ -96,6 +96,8 @@ pub async fn run(opts: RunOptions) -> Result<i32, String> {
         archive_dir: state_dir.join("archive"),
         credentials,
         limits: OrchestratorLimits::default(),
+        tls: None,
+        allow_insecure_http: false,
     })
     .await
     .map_err(|e| format!("starting the embedded orchestrator: {e}"))?;
@@ -123,6 +125,8 @@ pub async fn run(opts: RunOptions) -> Result<i32, String> {
         orchestrator: OrchestratorConfig {
             url: url.clone(),
             host_credential,
+            ca_cert: None,
+            allow_insecure_http: false,
         },
         limits: Limits {
             vcpus: u32::from(opts.vcpus),

@@ -58,6 +58,8 @@ async fn world(pools: &[(&str, &[&str], u32)]) -> World {
         archive_dir: dir.path().join("archive"),
         credentials: Credentials::new(HOST, CLIENT).unwrap(),
         limits: OrchestratorLimits::default(),
+        tls: None,
+        allow_insecure_http: false,
     })
     .await
     .unwrap();
@@ -80,6 +82,8 @@ async fn world(pools: &[(&str, &[&str], u32)]) -> World {
         orchestrator: OrchestratorConfig {
             url: url.clone(),
             host_credential: HOST.into(),
+            ca_cert: None,
+            allow_insecure_http: false,
         },
         limits: Limits {
             vcpus: 64,

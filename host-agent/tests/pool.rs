@@ -81,6 +81,8 @@ async fn world(tuning: Tuning, test_guest: bool) -> World {
         archive_dir: dir.path().join("archive"),
         credentials: Credentials::new(HOST, CLIENT).unwrap(),
         limits: OrchestratorLimits::default(),
+        tls: None,
+        allow_insecure_http: false,
     })
     .await
     .unwrap();
@@ -106,6 +108,8 @@ async fn world(tuning: Tuning, test_guest: bool) -> World {
         orchestrator: OrchestratorConfig {
             url: url.clone(),
             host_credential: HOST.into(),
+            ca_cert: None,
+            allow_insecure_http: false,
         },
         limits: Limits {
             vcpus: 64,

@@ -24,6 +24,7 @@ use crate::client::{ApiClient, ClientError};
 use crate::config::{Limits, ServerConfig};
 use crate::report::{JobReport, state_name};
 use crate::server::{Server, termination_signal};
+use crate::tls::TlsFiles;
 
 /// Exit code of a job that succeeded.
 pub const EXIT_SUCCEEDED: u8 = 0;
@@ -106,6 +107,16 @@ pub struct ServeArgs {
     /// Forget a VM that neither polls nor runs a job for this long.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10m")]
     pub vm_idle_timeout: Duration,
+    /// Serve TLS with this certificate chain (PEM, leaf first).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of `--tls-cert` (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve plain HTTP on a non-loopback address (only behind a proxy that
+    /// terminates TLS).
+    #[arg(long)]
+    pub allow_insecure_http: bool,
 }
 
 /// Where the server is and the client credential.
@@ -117,6 +128,25 @@ pub struct ClientArgs {
     /// Client credential.
     #[arg(long, env = "KINDLING_CLIENT_CREDENTIAL", hide_env_values = true)]
     pub credential: String,
+    /// Trust only this CA certificate (PEM) for an https:// server.
+    #[arg(long, env = "KINDLING_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+    /// Allow http:// to a non-loopback server.
+    #[arg(long)]
+    pub allow_insecure_http: bool,
+}
+
+impl ClientArgs {
+    /// A client of the server these arguments name.
+    pub fn client(&self) -> Result<ApiClient, ClientError> {
+        ApiClient::with_transport(
+            &self.server,
+            &crate::client::Transport {
+                ca_cert: self.ca_cert.clone(),
+                allow_insecure_http: self.allow_insecure_http,
+            },
+        )
+    }
 }
 
 /// Options of `submit`.
@@ -234,6 +264,11 @@ async fn serve(args: ServeArgs) -> Result<(), CliError> {
         archive_dir: args.archive,
         credentials,
         limits,
+        tls: match (args.tls_cert, args.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            _ => None,
+        },
+        allow_insecure_http: args.allow_insecure_http,
     })
     .await?;
     server.run(termination_signal()).await?;
@@ -297,7 +332,7 @@ fn parse_secrets_with(
 async fn submit(args: SubmitArgs) -> Result<u8, CliError> {
     let spec = read_spec(&args.file)?;
     let secrets = parse_secrets(&args.secrets)?;
-    let client = ApiClient::new(&args.client.server)?;
+    let client = args.client.client()?;
     let credential = &args.client.credential;
     let job_id = client
         .submit(credential, &SubmitJobRequest { spec, secrets })
@@ -311,7 +346,7 @@ async fn submit(args: SubmitArgs) -> Result<u8, CliError> {
 }
 
 async fn logs(args: JobArgs) -> Result<u8, CliError> {
-    let client = ApiClient::new(&args.client.server)?;
+    let client = args.client.client()?;
     follow(&client, &args.client.credential, &JobId(args.job_id)).await
 }
 
@@ -386,7 +421,7 @@ fn write_flush(out: &mut impl Write, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 async fn status(args: JobArgs) -> Result<(), CliError> {
-    let client = ApiClient::new(&args.client.server)?;
+    let client = args.client.client()?;
     let report = client
         .job(&args.client.credential, &JobId(args.job_id))
         .await?;
@@ -394,7 +429,7 @@ async fn status(args: JobArgs) -> Result<(), CliError> {
 }
 
 async fn cancel(args: CancelArgs) -> Result<(), CliError> {
-    let client = ApiClient::new(&args.client.server)?;
+    let client = args.client.client()?;
     let report = client
         .cancel(&args.client.credential, &JobId(args.job_id), args.reason)
         .await?;

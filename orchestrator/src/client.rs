@@ -23,7 +23,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(limits::MAX_LONG_POLL_SECS
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The server could not be reached or the connection broke.
-    #[error("cannot reach {url}: {source}")]
+    #[error("cannot reach {url}: {}", error_chain(source))]
     Transport {
         /// The request URL.
         url: String,
@@ -51,6 +51,53 @@ pub enum ClientError {
     /// The client could not be built.
     #[error("cannot build HTTP client: {0}")]
     Build(reqwest::Error),
+    /// The orchestrator URL is not an `http://` or `https://` URL.
+    #[error("orchestrator URL {url:?}: {reason}")]
+    BadUrl {
+        /// The URL.
+        url: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Plain HTTP to a non-loopback orchestrator, not allowed.
+    #[error(
+        "refusing plain HTTP to {url}: credentials, tokens and secrets would cross the \
+         network in clear; use https:// (with a CA certificate if the server's is not \
+         trusted by this system) or allow insecure HTTP explicitly"
+    )]
+    InsecureUrl {
+        /// The URL.
+        url: String,
+    },
+    /// The TLS settings (CA certificate) are unusable.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+}
+
+/// An error with its causes ("error sending request: ...: invalid peer
+/// certificate: UnknownIssuer"): reqwest's own text names only the first.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// How a client reaches the orchestrator.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Transport {
+    /// Trust only this CA certificate (PEM) for `https://`; the system's
+    /// roots if `None`.
+    pub ca_cert: Option<std::path::PathBuf>,
+    /// Allow `http://` to a non-loopback address.
+    pub allow_insecure_http: bool,
 }
 
 impl ClientError {
@@ -78,10 +125,39 @@ pub struct ApiClient {
 }
 
 impl ApiClient {
-    /// A client of the orchestrator at `base` (`http://host:port`).
+    /// A client of the orchestrator at `base` (`https://host:port`, or
+    /// `http://` on loopback), trusting the system's roots.
     pub fn new(base: &str) -> Result<Self, ClientError> {
+        Self::with_transport(base, &Transport::default())
+    }
+
+    /// A client of the orchestrator at `base` with `transport`'s settings.
+    pub fn with_transport(base: &str, transport: &Transport) -> Result<Self, ClientError> {
+        let url = reqwest::Url::parse(base).map_err(|e| ClientError::BadUrl {
+            url: base.to_string(),
+            reason: e.to_string(),
+        })?;
+        let loopback = url.host().is_some_and(|h| crate::tls::is_loopback_host(&h));
+        let tls = match url.scheme() {
+            "https" => crate::tls::client_config(transport.ca_cert.as_deref())?,
+            "http" if loopback || transport.allow_insecure_http => {
+                crate::tls::unused_client_config()?
+            }
+            "http" => {
+                return Err(ClientError::InsecureUrl {
+                    url: base.to_string(),
+                });
+            }
+            other => {
+                return Err(ClientError::BadUrl {
+                    url: base.to_string(),
+                    reason: format!("scheme {other:?} is neither https nor http"),
+                });
+            }
+        };
         let http = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
+            .tls_backend_preconfigured(tls)
             .build()
             .map_err(ClientError::Build)?;
         Ok(Self {

@@ -158,6 +158,11 @@ pub struct ServerConfig {
     pub credentials: Credentials,
     /// Bounds.
     pub limits: Limits,
+    /// Serve TLS with this certificate and key; plain HTTP if `None`.
+    pub tls: Option<crate::tls::TlsFiles>,
+    /// Serve plain HTTP on a non-loopback address (behind a TLS-terminating
+    /// proxy, say); refused otherwise.
+    pub allow_insecure_http: bool,
 }
 
 #[cfg(test)]

@@ -21,7 +21,9 @@
 //! * [`service`]: the operations behind the routes, with long polls and timeouts.
 //! * [`http`]: the axum routes and status codes.
 //! * [`metrics`]: Prometheus metrics.
-//! * [`server`]: binding, serving, graceful shutdown.
+//! * [`tls`]: TLS on the server, trusted roots on the clients, plain HTTP
+//!   for loopback only.
+//! * [`server`]: binding, serving (TLS or plain), graceful shutdown.
 //! * [`client`]: an HTTP client of the API.
 //! * [`cli`]: the `orchestrator` command line.
 
@@ -38,3 +40,4 @@ pub mod registry;
 pub mod report;
 pub mod server;
 pub mod service;
+pub mod tls;

@@ -12,6 +12,7 @@ use crate::archive::{Archive, ArchiveError};
 use crate::config::{ConfigError, ServerConfig};
 use crate::http::router;
 use crate::service::Orchestrator;
+use crate::tls::TlsListener;
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -36,12 +37,23 @@ pub enum ServeError {
     /// A blocking task died.
     #[error("startup task failed: {0}")]
     Task(String),
+    /// The TLS certificate, key or settings are unusable.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// Plain HTTP on a network address, not allowed.
+    #[error(
+        "refusing plain HTTP on {0}: credentials, VM tokens and secrets would cross the \
+         network in clear; give --tls-cert and --tls-key, listen on loopback, or pass \
+         --allow-insecure-http (behind a TLS-terminating proxy)"
+    )]
+    InsecureListen(SocketAddr),
 }
 
 /// A bound, not yet running server.
 #[derive(Debug)]
 pub struct Server {
     listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     service: Arc<Orchestrator>,
 }
 
@@ -50,6 +62,17 @@ impl Server {
     /// the listen address (port 0 picks a free port).
     pub async fn bind(config: ServerConfig) -> Result<Self, ServeError> {
         config.limits.validate()?;
+        let tls = config
+            .tls
+            .as_ref()
+            .map(crate::tls::server_config)
+            .transpose()?;
+        if tls.is_none()
+            && !config.allow_insecure_http
+            && !crate::tls::is_loopback_listen(&config.listen)
+        {
+            return Err(ServeError::InsecureListen(config.listen));
+        }
         let dir = config.archive_dir.clone();
         let (archive, removed) = tokio::task::spawn_blocking(move || Archive::open(dir))
             .await
@@ -70,7 +93,11 @@ impl Server {
             config.credentials,
             config.limits,
         ));
-        Ok(Self { listener, service })
+        Ok(Self {
+            listener,
+            tls,
+            service,
+        })
     }
 
     /// The address actually bound.
@@ -90,19 +117,32 @@ impl Server {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         let addr = self.local_addr()?;
-        tracing::info!(%addr, "orchestrator listening");
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        tracing::info!(%addr, scheme, "orchestrator listening");
         let reaper = tokio::spawn(Arc::clone(&self.service).run_reaper());
         let service = Arc::clone(&self.service);
-        let result = axum::serve(self.listener, router(Arc::clone(&self.service)))
-            .with_graceful_shutdown(async move {
-                shutdown.await;
-                tracing::info!("shutting down");
-                service.shutdown().await;
-            })
-            .await
-            .map_err(ServeError::Serve);
+        let shutdown = async move {
+            shutdown.await;
+            tracing::info!("shutting down");
+            service.shutdown().await;
+        };
+        let app = router(Arc::clone(&self.service));
+        let result = match self.tls {
+            Some(config) => {
+                let listener =
+                    TlsListener::new(self.listener, config).map_err(ServeError::Serve)?;
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+            }
+            None => {
+                axum::serve(self.listener, app)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+            }
+        };
         reaper.abort();
-        result
+        result.map_err(ServeError::Serve)
     }
 }
 

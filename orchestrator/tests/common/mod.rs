@@ -56,6 +56,8 @@ impl TestServer {
             archive_dir: archive.clone(),
             credentials: Credentials::new(HOST, CLIENT).unwrap(),
             limits,
+            tls: None,
+            allow_insecure_http: false,
         };
         let server = Server::bind(config).await.unwrap();
         let addr = server.local_addr().unwrap();
