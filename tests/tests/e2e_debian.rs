@@ -29,7 +29,22 @@ steps:
   - name: docker
     timeout-minutes: 5
     run: |
-      dockerd >/tmp/dockerd.log 2>&1 &
+      # containerd first, waited for: dockerd gives the containerd it
+      # starts itself only a few seconds, and under nested emulation its
+      # first exec once took 14 s (page-faulting in a 40 MB binary).
+      containerd >/tmp/containerd.log 2>&1 &
+      i=0
+      until [ -S /run/containerd/containerd.sock ]; do
+        i=$((i + 1))
+        if [ "$i" -ge 240 ] || ! kill -0 $! 2>/dev/null; then
+          echo "containerd did not come up after $i tries; its log:"
+          tail -n 40 /tmp/containerd.log
+          exit 1
+        fi
+        sleep 0.5
+      done
+      echo "containerd up after $i retries"
+      dockerd --containerd=/run/containerd/containerd.sock >/tmp/dockerd.log 2>&1 &
       i=0
       until docker info >/dev/null 2>&1; do
         i=$((i + 1))
