@@ -11,6 +11,11 @@
 //! explicitly allowed (`allow_insecure_http`), e.g. behind a TLS-terminating
 //! proxy on the same host.
 //!
+//! reqwest is built with `rustls-no-provider`: no process-wide crypto
+//! provider is installed, so every HTTP client must be given its rustls
+//! configuration ([`client_config`], [`unused_client_config`]); a plain
+//! `reqwest::Client::new()` panics.
+//!
 //! [`TlsListener`] does the handshakes off the accept loop, each in its own
 //! task with a deadline and at most [`MAX_HANDSHAKES`] at once, so a client
 //! that connects and sends nothing holds up no one.

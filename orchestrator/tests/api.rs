@@ -435,7 +435,7 @@ async fn a_vm_token_acquires_one_job_only() {
 #[tokio::test]
 async fn spec_errors_are_400_with_the_message() {
     let server = TestServer::start().await;
-    let http = reqwest::Client::new();
+    let http = common::plain_http();
     let url = format!("{}/v1/jobs", server.url);
     let cases = [
         (
@@ -543,7 +543,9 @@ async fn credentials_are_not_interchangeable() {
     assert_eq!(status_of(&err), StatusCode::UNAUTHORIZED);
     let err = client.deregister_vm(CLIENT, &vm.id).await.unwrap_err();
     assert_eq!(status_of(&err), StatusCode::UNAUTHORIZED);
-    let response = reqwest::get(format!("{}/v1/jobs/{id}", server.url))
+    let response = common::plain_http()
+        .get(format!("{}/v1/jobs/{id}", server.url))
+        .send()
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
@@ -553,7 +555,7 @@ async fn credentials_are_not_interchangeable() {
 #[tokio::test]
 async fn oversized_bodies_and_bad_queries_are_refused() {
     let server = TestServer::start().await;
-    let http = reqwest::Client::new();
+    let http = common::plain_http();
     let response = http
         .post(format!("{}/v1/vms", server.url))
         .bearer_auth(HOST)
@@ -605,7 +607,9 @@ async fn queued_job_status_says_why_and_metrics_count() {
     let err = server.client.submit(CLIENT, &request).await.unwrap_err();
     assert_eq!(status_of(&err), StatusCode::SERVICE_UNAVAILABLE);
     let _vm = FakeVm::register(&server, &["linux"]).await;
-    let text = reqwest::get(format!("{}/metrics", server.url))
+    let text = common::plain_http()
+        .get(format!("{}/metrics", server.url))
+        .send()
         .await
         .unwrap()
         .text()

@@ -22,6 +22,16 @@ use protocol::message::{
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+/// A raw HTTP client for loopback tests that craft their own requests.
+/// reqwest here is built without a default crypto provider (the API client
+/// brings its own rustls configuration), so it gets one too.
+pub fn plain_http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(orchestrator::tls::unused_client_config().unwrap())
+        .build()
+        .unwrap()
+}
+
 pub const HOST: &str = "host-credential-for-tests";
 pub const CLIENT: &str = "client-credential-for-tests";
 
