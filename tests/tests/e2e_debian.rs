@@ -16,6 +16,48 @@ use std::time::Duration;
 use harness::assets::{debian_image, guest_kernel};
 use harness::{Asset, Scenario, Status, workspace_binary};
 
+/// Runs `sc` with the VMM, host agent and jailer on its `PATH` and the
+/// guest kernel, the Debian image and `job_path` as assets; removes `dir`
+/// (the job file's directory) and asserts that the script exited 0.
+fn run_passing(
+    mut sc: Scenario,
+    dir: &std::path::Path,
+    job_path: std::path::PathBuf,
+) -> harness::Outcome {
+    sc.bins = vec![
+        workspace_binary("vmm").unwrap(),
+        workspace_binary("host-agent").unwrap(),
+        // The host agent starts every VMM through it (jail on by default).
+        workspace_binary("kindling-jailer").unwrap(),
+    ];
+    // The image (391 MiB) reaches the L1 as a read-only virtio disk, and
+    // the host agent hands that block device to the VMM as it is.
+    sc.assets = vec![
+        Asset {
+            host_path: guest_kernel().unwrap(),
+            name: "vmlinux".into(),
+        },
+        Asset {
+            host_path: debian_image().unwrap(),
+            name: "debian.erofs".into(),
+        },
+        Asset {
+            host_path: job_path,
+            name: "job.yaml".into(),
+        },
+    ];
+    let out = harness::run(&sc).unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+    assert_eq!(
+        out.status,
+        Status::Exited(0),
+        "{}\n{}",
+        out.report(),
+        out.output
+    );
+    out
+}
+
 const JOB: &str = r#"name: debian-tools
 runs-on: [linux]
 timeout-minutes: 10
@@ -65,8 +107,6 @@ fn debian_image_has_git_curl_cc_and_a_working_dockerd() {
     std::fs::create_dir_all(&dir).unwrap();
     let job_path = dir.join("job.yaml");
     std::fs::write(&job_path, JOB).unwrap();
-    // The image (391 MiB) reaches the L1 as a read-only virtio disk, and
-    // the host agent hands that block device to the VMM as it is.
     let script = "host-agent run $ASSETS/job.yaml --vmm $(command -v vmm) \
                   --kernel $ASSETS/vmlinux --image $ASSETS/debian.erofs \
                   --vcpus 1 --memory-mib 1024 --boot-timeout 180 \
@@ -80,35 +120,7 @@ fn debian_image_has_git_curl_cc_and_a_working_dockerd() {
     // `dockerd`'s start triple-faulted the L2 once in CI under QEMU 7.2
     // (QEMU TCG's emulated SVM; see `harness::run::l2_triple_faults`).
     sc.l2_triple_fault_reruns = 2;
-    sc.bins = vec![
-        workspace_binary("vmm").unwrap(),
-        workspace_binary("host-agent").unwrap(),
-        // The host agent starts every VMM through it (jail on by default).
-        workspace_binary("kindling-jailer").unwrap(),
-    ];
-    sc.assets = vec![
-        Asset {
-            host_path: guest_kernel().unwrap(),
-            name: "vmlinux".into(),
-        },
-        Asset {
-            host_path: debian_image().unwrap(),
-            name: "debian.erofs".into(),
-        },
-        Asset {
-            host_path: job_path,
-            name: "job.yaml".into(),
-        },
-    ];
-    let out = harness::run(&sc).unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
-    assert_eq!(
-        out.status,
-        Status::Exited(0),
-        "{}\n{}",
-        out.report(),
-        out.output
-    );
+    let out = run_passing(sc, &dir, job_path);
     let o = &out.output;
     for needle in [
         "git version 2.",
@@ -163,34 +175,7 @@ fn a_wedged_guest_fails_its_job_as_a_guest_hang_with_its_vcpu_load() {
     sc.l1_memory_mib = 1536;
     // The hang is this test's result, not the emulator's fault.
     sc.l2_hangs_expected = true;
-    sc.bins = vec![
-        workspace_binary("vmm").unwrap(),
-        workspace_binary("host-agent").unwrap(),
-        workspace_binary("kindling-jailer").unwrap(),
-    ];
-    sc.assets = vec![
-        Asset {
-            host_path: guest_kernel().unwrap(),
-            name: "vmlinux".into(),
-        },
-        Asset {
-            host_path: debian_image().unwrap(),
-            name: "debian.erofs".into(),
-        },
-        Asset {
-            host_path: job_path,
-            name: "job.yaml".into(),
-        },
-    ];
-    let out = harness::run(&sc).unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
-    assert_eq!(
-        out.status,
-        Status::Exited(0),
-        "{}\n{}",
-        out.report(),
-        out.output
-    );
+    let out = run_passing(sc, &dir, job_path);
     let o = &out.output;
     // Exit 2: an infrastructure error, not the job's own failure.
     for needle in [
