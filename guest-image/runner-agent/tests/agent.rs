@@ -392,8 +392,11 @@ fn output_in_full_flow_is_coalesced_into_few_chunks_and_a_lone_line_is_not_held(
         .collect();
     eprintln!("stdout chunk sizes: {stdout:?}");
     assert_eq!(stdout.iter().sum::<usize>(), 64 * 4096 + 4);
+    // Without coalescing: 65 chunks. With it: 16-32 on an idle machine,
+    // 36 once with the machine's two cores busy (a nested VM and a build):
+    // the bound tells the two apart without timing the machine.
     assert!(
-        stdout.len() <= 32,
+        stdout.len() <= 48,
         "{} chunks for 64 writes in full flow: not coalesced",
         stdout.len()
     );
