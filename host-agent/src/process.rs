@@ -37,8 +37,21 @@ impl ProcStat {
     }
 }
 
-/// The longest `/proc/<pid>/stat` read (a few hundred bytes in practice).
-const MAX_STAT_LEN: u64 = 4096;
+/// The longest read of a small `/proc` file (`stat`, `comm`: a few
+/// hundred bytes in practice).
+const MAX_PROC_FILE_LEN: u64 = 4096;
+
+/// Reads a small `/proc` file, at most [`MAX_PROC_FILE_LEN`] bytes; `None`
+/// if it cannot be read.
+pub fn read_proc_file(path: &std::path::Path) -> Option<String> {
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .ok()?
+        .take(MAX_PROC_FILE_LEN)
+        .read_to_string(&mut text)
+        .ok()?;
+    Some(text)
+}
 
 /// Reads `/proc/<pid>/stat`; `None` if the process does not exist (or the
 /// text cannot be parsed).
@@ -46,13 +59,9 @@ pub fn stat(pid: i32) -> Option<ProcStat> {
     if pid <= 0 {
         return None;
     }
-    let mut text = String::new();
-    std::fs::File::open(format!("/proc/{pid}/stat"))
-        .ok()?
-        .take(MAX_STAT_LEN)
-        .read_to_string(&mut text)
-        .ok()?;
-    parse_stat(&text)
+    parse_stat(&read_proc_file(std::path::Path::new(&format!(
+        "/proc/{pid}/stat"
+    )))?)
 }
 
 /// Parses a `stat` line. The command name (field 2) is in parentheses and

@@ -16,7 +16,6 @@
 //! harness recognises that phrase (as it recognises the L2 triple fault)
 //! because QEMU TCG's emulated SVM wedges an L2 guest now and then.
 
-use std::io::Read;
 use std::time::Duration;
 
 use crate::process::{self, ProcessIdentity};
@@ -26,9 +25,6 @@ pub const GUEST_HANG: &str = "guest hang:";
 
 /// The share of the window above which a vCPU thread counts as busy.
 const BUSY_PERCENT: u32 = 50;
-
-/// The longest `/proc/.../stat` or `comm` read.
-const MAX_PROC_READ: u64 = 4096;
 
 /// The VMM's vCPU threads over one sample window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,13 +81,13 @@ fn vcpu_ticks(pids: &[i32]) -> Vec<(i32, u64)> {
                 continue;
             };
             let path = task.path();
-            let Some(name) = read_bounded(&path.join("comm")) else {
+            let Some(name) = process::read_proc_file(&path.join("comm")) else {
                 continue;
             };
             if !is_vcpu_thread(&name) {
                 continue;
             }
-            if let Some(ticks) = read_bounded(&path.join("stat"))
+            if let Some(ticks) = process::read_proc_file(&path.join("stat"))
                 .as_deref()
                 .and_then(process::parse_cpu_ticks)
             {
@@ -112,16 +108,6 @@ fn is_vcpu_thread(comm: &str) -> bool {
     };
     let index = index.strip_prefix(' ').unwrap_or(index);
     !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit())
-}
-
-fn read_bounded(path: &std::path::Path) -> Option<String> {
-    let mut text = String::new();
-    std::fs::File::open(path)
-        .ok()?
-        .take(MAX_PROC_READ)
-        .read_to_string(&mut text)
-        .ok()?;
-    Some(text)
 }
 
 /// The load of `before` and `after` tick samples over `window`, with

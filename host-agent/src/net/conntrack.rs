@@ -79,11 +79,7 @@ fn run(binary: &str, args: &[&str]) -> Result<u64, ConntrackError> {
     }
     let mut stderr = stderr.trim().to_string();
     if stderr.len() > MAX_STDERR {
-        let mut end = MAX_STDERR;
-        while !stderr.is_char_boundary(end) {
-            end -= 1;
-        }
-        stderr.truncate(end);
+        stderr.truncate(crate::reason::floor_char_boundary(&stderr, MAX_STDERR));
     }
     Err(ConntrackError::Failed {
         binary: binary.to_string(),
